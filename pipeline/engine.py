@@ -1,0 +1,178 @@
+"""The DeepSpeed engine: the only module that imports deepspeed.
+
+Builds the DeepSpeed config from the run config (batch sizes, ZeRO stage, precision, clipping,
+AdamW with open_clip's no-decay groups, warmup + cosine), wraps an open_clip model, and exposes
+what the trainer and the selection need: a forward returning normalised features, a train step,
+checkpoint save/load, and per-rank views of the parameters ("partitions") that a historical
+model (snapshot / EMA) mirrors without gathering full weights under ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config
+from pipeline.model import param_groups
+
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+import deepspeed  # noqa: E402
+from deepspeed.utils import logger as _ds_logger  # noqa: E402
+
+_ds_logger.setLevel(logging.WARNING)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def ds_config(cfg: Config, total_steps: int) -> dict:
+    o, d = cfg.optim, cfg.deepspeed
+    warmup = min(o.warmup_steps, max(total_steps - 1, 0))
+    conf: dict = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": [o.beta1, o.beta2],
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                "torch_adam": d.torch_adam,
+            },
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": max(total_steps, 1),
+                "warmup_num_steps": warmup,
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": 0.0,
+                "warmup_type": "linear",
+            },
+        },
+        "zero_optimization": {"stage": d.zero_stage},
+    }
+    if o.grad_clip > 0 and d.zero_stage > 0:
+        # ZeRO 0 clips in Engine.backward_step: DeepSpeed's stage-0 clip_grad_norm_ fails on
+        # CLIP's 0-dim logit_scale ("output with shape [] doesn't match the broadcast shape [1]").
+        conf["gradient_clipping"] = o.grad_clip
+    else:
+        conf["gradient_clipping"] = 0.0  # DeepSpeed's default is 1.0
+    if d.zero_stage == 3:
+        # Every parameter is partitioned (none kept whole on each rank), and none is held
+        # gathered between forwards: the historical model swaps partitions in and out.
+        conf["zero_optimization"].update(
+            stage3_param_persistence_threshold=0,
+            stage3_max_reuse_distance=0,
+            stage3_prefetch_bucket_size=0,
+        )
+    if d.precision == "bf16":
+        conf["bf16"] = {"enabled": True}
+    elif d.precision == "fp16":
+        conf["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return conf
+
+
+class Engine:
+    """A DeepSpeed engine around an open_clip model."""
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, total_steps: int):
+        self.cfg = cfg
+        self.ds_config = ds_config(cfg, total_steps)
+        groups = param_groups(model, cfg.optim.weight_decay)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=groups, config=self.ds_config
+        )
+        self.zero_stage = cfg.deepspeed.zero_stage
+        self.dtype = DTYPES[cfg.deepspeed.precision]
+        self.device = self.ds.device
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        """-> (image_feats [N, D], text_feats [N, D], logit_scale []), features L2-normalised."""
+        images = images.to(self.device, self.dtype, non_blocking=True)
+        tokens = tokens.to(self.device, non_blocking=True)
+        return self.ds(images, tokens)
+
+    def backward_step(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)  # gradients are averaged over ranks here (ZeRO 0)
+        if self.zero_stage == 0 and self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
+        self.ds.step()
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train(self, mode: bool = True) -> None:
+        self.ds.train(mode)
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def save(self, ckpt_dir: str | Path, tag: str, client_state: dict) -> None:
+        """Every rank must call this: ZeRO writes each rank's optimizer/param partitions."""
+        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state,
+                                save_latest=False)
+
+    def load(self, ckpt_dir: str | Path, tag: str) -> dict:
+        path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {ckpt_dir}")
+        return client_state
+
+    # --- parameter partitions (historical model) -----------------------------------------------
+
+    def partitions(self) -> list[torch.Tensor]:
+        """This rank's share of every parameter, as live tensors (order = named_parameters).
+
+        Under ZeRO-3 that is the flat local partition (``ds_tensor``); under ZeRO 0-2 the whole
+        (replicated) parameter. A historical model keeps fp32 tensors shaped like these.
+        """
+        out = []
+        for p in self.module.parameters():
+            out.append(p.ds_tensor if hasattr(p, "ds_tensor") else p.data)
+        return out
+
+    @contextlib.contextmanager
+    def swapped_weights(self, shards: list[torch.Tensor]):
+        """Run the module with other weights (one tensor per partition), then restore.
+
+        Under ZeRO-3 the swap touches only local partitions; the usual forward hooks gather them,
+        so a historical forward costs what a normal no-grad forward costs.
+        """
+        params = list(self.module.parameters())
+        assert len(params) == len(shards)
+        saved = []
+        for p, s in zip(params, shards):
+            target = p.ds_tensor if hasattr(p, "ds_tensor") else p
+            saved.append(target.data)
+            target.data = s.to(target.dtype)
+        try:
+            yield
+        finally:
+            for p, old in zip(params, saved):
+                target = p.ds_tensor if hasattr(p, "ds_tensor") else p
+                target.data = old
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on CPU in fp32 (gathered from ZeRO-3 partitions)."""
+        module = self.module
+        if self.zero_stage == 3:
+            ctx = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def write_ds_config(engine: Engine, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(engine.ds_config, indent=2))

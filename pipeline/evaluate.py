@@ -1,0 +1,183 @@
+"""Evaluation: zero-shot classification and image-text retrieval.
+
+    metrics = evaluate_val(encode, loader, tokenizer, zeroshot=(classnames, templates))
+
+``encode(images, tokens)`` returns L2-normalised (image_feats [N, D], text_feats [N, D]); either
+input may be None. It is the training engine's forward in a run (so ZeRO-3 gathers weights as
+usual; every rank evaluates the same val set in lockstep) or a plain open_clip model here.
+
+Metric names: eval/zeroshot_top1, eval/zeroshot_top5, eval/i2t_r{1,5,10}, eval/t2i_r{1,5,10}
+(a second, retrieval-only set gets the prefix eval/ret_). Values are fractions in [0, 1].
+
+CLI:  dissect-eval --checkpoint model.pt --model tiny-vit --val data/fmnist/val [--val-retrieval DIR]
+      dissect-eval --run runs/demo           (the run's exported model.pt and its config's val sets)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+# --- metrics on embeddings (pure functions) ------------------------------------------------------
+
+
+def topk_accuracy(logits_NC: torch.Tensor, labels_N: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
+    """Fraction of rows whose label is among the k largest logits."""
+    C = logits_NC.shape[1]
+    top = logits_NC.topk(min(max(ks), C), dim=1).indices
+    hit = top == labels_N[:, None]
+    return {k: float(hit[:, : min(k, C)].any(dim=1).float().mean()) for k in ks}
+
+
+def retrieval_recall(img_ND: torch.Tensor, txt_ND: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+    """Image i's true caption is text i. R@K both ways over the whole set.
+
+    A query counts as hit when its true match is within the top K; ties are broken
+    pessimistically (an equal score of a wrong item ranks ahead), so duplicates cannot inflate.
+    """
+    sim = img_ND.float() @ txt_ND.float().T
+    diag = sim.diagonal()
+    # rank of the true match = number of items scoring >= it, minus itself
+    i2t_rank = (sim >= diag[:, None]).sum(dim=1) - 1
+    t2i_rank = (sim >= diag[None, :]).sum(dim=0) - 1
+    out = {}
+    for k in ks:
+        out[f"i2t_r{k}"] = float((i2t_rank < k).float().mean())
+        out[f"t2i_r{k}"] = float((t2i_rank < k).float().mean())
+    return out
+
+
+# --- running a model over a val set --------------------------------------------------------------
+
+
+class _TextEncoder:
+    """Adapter: open_clip's classifier builder calls model.encode_text(tokens, normalize=True)."""
+
+    def __init__(self, encode: Callable):
+        self.encode = encode
+
+    def encode_text(self, tokens, normalize=True):
+        return self.encode(None, tokens)[1]
+
+
+@torch.no_grad()
+def embed(encode: Callable, loader: Iterable[dict]) -> dict:
+    imgs, txts, labels = [], [], []
+    for batch in loader:
+        f_img, f_txt = encode(batch["images"], batch["tokens"])
+        imgs.append(f_img.float().cpu())
+        txts.append(f_txt.float().cpu())
+        labels.append(batch["label"].cpu())
+    if not imgs:
+        raise ValueError("the val set yielded no samples")
+    return {"img": torch.cat(imgs), "txt": torch.cat(txts), "label": torch.cat(labels)}
+
+
+@torch.no_grad()
+def evaluate_val(
+    encode: Callable, loader: Iterable[dict], tokenizer: Callable,
+    zeroshot: tuple[list[str], list[str]] | None = None, prefix: str = "eval/",
+    retrieval: bool = True, device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    e = embed(encode, loader)
+    out: dict[str, float] = {}
+    if retrieval:
+        out.update({prefix + k: v for k, v in retrieval_recall(e["img"], e["txt"]).items()})
+    if zeroshot is not None:
+        classnames, templates = zeroshot
+        templates = [t.replace("{c}", "{}") for t in templates]
+        W_DC = build_zero_shot_classifier(_TextEncoder(encode), tokenizer, classnames, templates,
+                                          num_classes_per_batch=len(classnames), device=device)
+        labels = e["label"]
+        ok = labels >= 0
+        if ok.any():
+            logits = e["img"][ok] @ W_DC.float().cpu()
+            acc = topk_accuracy(logits, labels[ok], ks=(1, 5))
+            out[prefix + "zeroshot_top1"] = acc[1]
+            out[prefix + "zeroshot_top5"] = acc[5]
+    out[prefix + "samples"] = float(len(e["img"]))
+    return out
+
+
+def model_encoder(model: torch.nn.Module, device: torch.device | str = "cpu") -> Callable:
+    """encode(images, tokens) for a plain open_clip model (features normalised)."""
+
+    def encode(images, tokens):
+        img = model.encode_image(images.to(device), normalize=True) if images is not None else None
+        txt = model.encode_text(tokens.to(device), normalize=True) if tokens is not None else None
+        return img, txt
+
+    return encode
+
+
+def evaluate_sets(encode, tokenizer, preprocess, val: str, val_retrieval: str = "",
+                  batch_size: int = 256, max_samples: int = 0, device="cpu") -> dict:
+    """Evaluate on the configured val sets: zero-shot (when classnames exist) + retrieval."""
+    from pipeline.data import expand_shards, make_eval_loader, zeroshot_meta
+
+    out: dict[str, float] = {}
+    if val:
+        loader = make_eval_loader(expand_shards(val), preprocess, tokenizer, batch_size, max_samples)
+        out.update(evaluate_val(encode, loader, tokenizer, zeroshot_meta(val), device=device))
+    if val_retrieval:
+        loader = make_eval_loader(expand_shards(val_retrieval), preprocess, tokenizer, batch_size, max_samples)
+        out.update(evaluate_val(encode, loader, tokenizer, None, prefix="eval/ret_", device=device))
+    return out
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="dissect-eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", help="run directory (uses its model.pt and config's val sets)")
+    ap.add_argument("--checkpoint", help="open_clip state dict (from dissect-export)")
+    ap.add_argument("--model", help="open_clip model name (with --checkpoint)")
+    ap.add_argument("--val", default="", help="val shards (zero-shot if classnames.txt is beside them)")
+    ap.add_argument("--val-retrieval", default="", help="a retrieval-only val set")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--max-samples", type=int, default=0)
+    ap.add_argument("--out", help="write the metrics as JSON here")
+    args = ap.parse_args(argv)
+
+    from pipeline.config import ConfigError, load_config
+    from pipeline.model import build_model
+
+    try:
+        val, val_ret, name, ckpt = args.val, args.val_retrieval, args.model, args.checkpoint
+        if args.run:
+            cfg = load_config(Path(args.run) / "config.yaml")
+            name = name or cfg.model.name
+            ckpt = ckpt or str(Path(args.run) / "model.pt")
+            val = val or cfg.data.val
+            val_ret = val_ret or cfg.data.val_retrieval
+        if not (name and ckpt):
+            raise ConfigError("give --run RUN_DIR, or --checkpoint FILE with --model NAME")
+        if not Path(ckpt).is_file():
+            raise ConfigError(f"checkpoint {ckpt!r} does not exist (dissect-export RUN_DIR writes one)")
+        if not (val or val_ret):
+            raise ConfigError("no val set: pass --val and/or --val-retrieval")
+        bundle = build_model(name)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        bundle.model.load_state_dict(state)
+        bundle.model.eval()
+        metrics = evaluate_sets(model_encoder(bundle.model), bundle.tokenizer, bundle.preprocess_val,
+                                val, val_ret, args.batch_size, args.max_samples)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"dissect-eval: error: {err}", file=sys.stderr)
+        return 2
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

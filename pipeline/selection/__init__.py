@@ -1,0 +1,3 @@
+"""Online sample selection: methods, historical sources, sharded store, global top-k."""
+
+from pipeline.selection.selector import Selector  # noqa: F401

@@ -1,0 +1,50 @@
+"""`dissect-train --config FILE [key=value ...]` (also `python -m pipeline.train`).
+
+Launch one process, or many through torchrun / the deepspeed launcher / launch/*.sh; each
+process runs this same entry point. Bad configuration fails before any work with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="dissect-train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", help="YAML run config (see configs/)")
+    ap.add_argument("--check", action="store_true", help="validate the config and paths, then exit")
+    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    ap.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import pipeline  # noqa: F401
+    from pipeline.config import ConfigError, load_config
+    from pipeline.trainer import Trainer, TrainingError, validate_paths
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.check:
+            validate_paths(cfg)
+            print(f"config ok: run.dir={cfg.run.dir}")
+            return 0
+        Trainer(cfg).train()
+    except ConfigError as err:
+        print(f"dissect-train: config error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"dissect-train: stopped: {err}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
