@@ -1,0 +1,220 @@
+"""`dissect-prep {shard,demo,noise,inspect}`.
+
+Bad input ends with one `dissect-prep: error: ...` line on stderr and exit status 2 (no
+traceback); a download run whose shards did not all finish exits 1 after its summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from data_prep import DataPrepError
+from data_prep.shard import MODES, RESIZE_MODES, ShardConfig
+
+EXIT_BAD_INPUT = 2
+EXIT_INCOMPLETE = 1
+
+
+def _comma_list(text: str) -> list[str]:
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dissect-prep", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{shard,demo,noise,inspect}")
+    d = ShardConfig()
+
+    p = sub.add_parser("shard", help="download a url list into webdataset shards (img2dataset)")
+    p.add_argument(
+        "--urls",
+        required=True,
+        type=Path,
+        help="url list: .parquet/.csv/.tsv file or a folder of them",
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="output folder for the shards and manifest.json"
+    )
+    p.add_argument(
+        "--input-format", choices=("parquet", "csv", "tsv"), help="default: from the file extension"
+    )
+    p.add_argument("--url-col", default=d.url_col)
+    p.add_argument("--caption-col", default=d.caption_col)
+    p.add_argument(
+        "--extra-cols",
+        type=_comma_list,
+        default=[],
+        metavar="A,B",
+        help="columns carried into each sample's json (uid and label always are)",
+    )
+    p.add_argument(
+        "--image-size", type=int, default=d.image_size, help="pixels (default %(default)s)"
+    )
+    p.add_argument("--resize-mode", choices=RESIZE_MODES, default=d.resize_mode)
+    p.add_argument("--encode-format", choices=("jpg", "png", "webp"), default=d.encode_format)
+    p.add_argument("--encode-quality", type=int, default=d.encode_quality)
+    p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard)
+    p.add_argument(
+        "--processes", type=int, default=d.processes, help="default: CPU count (%(default)s)"
+    )
+    p.add_argument("--threads", type=int, default=d.threads, help="download threads per process")
+    p.add_argument("--timeout", type=float, default=d.timeout, help="seconds per request")
+    p.add_argument("--retries", type=int, default=d.retries, help="extra attempts per url")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default=d.mode,
+        help="incremental: keep finished shards and resume (default); overwrite: start over",
+    )
+    p.add_argument(
+        "--min-image-size", type=int, default=d.min_image_size, help="drop smaller images (pixels)"
+    )
+    p.add_argument("--exif", action="store_true", help="store EXIF in the json (off by default)")
+
+    p = sub.add_parser("demo", help="build the Fashion-MNIST demo shards through img2dataset")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        help="fraction of train captions swapped (ground truth kept)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="cap train images (val scales with it) for fast runs",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--kind",
+        choices=("single", "mosaic"),
+        default="single",
+        help="single items with class captions, or 2x2 mosaics with near-unique captions",
+    )
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--processes", type=int, default=None)
+    p.add_argument(
+        "--fmnist-dir", type=Path, default=None, help="default: /usr/share/datasets/fashion-mnist"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="rebuild even when a complete output exists"
+    )
+
+    p = sub.add_parser(
+        "noise", help="copy shards with a fraction of captions swapped between samples"
+    )
+    p.add_argument("--in", dest="src", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--rate", required=True, type=float)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser(
+        "inspect", help="counts, labels, noise and example captions of a shard folder"
+    )
+    p.add_argument("dir", type=Path)
+    p.add_argument("--max-shards", type=int, default=None, help="scan only the first N shards")
+    p.add_argument("--examples", type=int, default=6)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except DataPrepError as err:
+        print(f"dissect-prep: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("dissect-prep: interrupted (re-run the same command to resume)", file=sys.stderr)
+        return 130
+
+
+def _shard(args) -> int:
+    from data_prep.manifest import summary_lines
+    from data_prep.shard import shard_urls
+
+    config = ShardConfig(
+        input_format=args.input_format,
+        url_col=args.url_col,
+        caption_col=args.caption_col,
+        extra_cols=tuple(args.extra_cols),
+        image_size=args.image_size,
+        resize_mode=args.resize_mode,
+        encode_format=args.encode_format,
+        encode_quality=args.encode_quality,
+        samples_per_shard=args.samples_per_shard,
+        processes=args.processes,
+        threads=args.threads,
+        timeout=args.timeout,
+        retries=args.retries,
+        mode=args.mode,
+        min_image_size=args.min_image_size,
+        exif=args.exif,
+    )
+    manifest = shard_urls(args.urls, args.out, config)
+    print("\n".join(summary_lines(manifest, args.out)))
+    if not manifest["complete"]:
+        print(
+            f"dissect-prep: {len(manifest['missing_shards'])} shards did not finish; "
+            "re-run the same command to finish them",
+            file=sys.stderr,
+        )
+        return EXIT_INCOMPLETE
+    return 0
+
+
+def _demo(args) -> int:
+    from data_prep.demo import build_demo
+    from data_prep.fmnist import FMNIST_DIR
+
+    summary = build_demo(
+        args.out,
+        noise=args.noise,
+        limit=args.limit,
+        seed=args.seed,
+        kind=args.kind,
+        image_size=args.image_size,
+        processes=args.processes,
+        source_dir=args.fmnist_dir or FMNIST_DIR,
+        force=args.force,
+    )
+    state = "reused" if summary["reused"] else f"built in {summary['built_s']}s"
+    print(
+        f"demo ({summary['kind']}, noise {summary['noise']:.0%}, seed {summary['seed']}) in {args.out}: {state}"
+    )
+    for name, s in summary["splits"].items():
+        noisy = f", {s['noisy']} noisy" if s["noisy"] else ""
+        print(
+            f"  {name:<11} {s['samples']:>6} samples in {s['shards']:>2} shards{noisy}   {s['spec']}"
+        )
+    print(
+        f"  zero-shot   {summary['zeroshot']}/ (classnames.txt, templates.txt); retrieval {summary['retrieval']}/"
+    )
+    return 0
+
+
+def _noise(args) -> int:
+    from data_prep.manifest import summary_lines
+    from data_prep.noise import inject_noise
+
+    manifest = inject_noise(args.src, args.out, rate=args.rate, seed=args.seed)
+    print("\n".join(summary_lines(manifest, args.out)))
+    return 0
+
+
+def _inspect(args) -> int:
+    from data_prep.inspection import find_shard_dirs, inspect_shards, report_lines
+
+    for folder in find_shard_dirs(args.dir):
+        report = inspect_shards(folder, max_shards=args.max_shards, examples=args.examples)
+        print("\n".join(report_lines(report)))
+    return 0
+
+
+COMMANDS = {"shard": _shard, "demo": _demo, "noise": _noise, "inspect": _inspect}
+
+
+if __name__ == "__main__":  # img2dataset spawns workers: keep this guard
+    sys.exit(main())
