@@ -51,8 +51,9 @@ def ds_config(cfg: Config, total_steps: int) -> dict:
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": max(total_steps, 1),
-                "warmup_num_steps": warmup,
-                "warmup_min_ratio": 0.0,
+                # DeepSpeed needs >= 1 warm-up step; with none asked for, start at full lr
+                "warmup_num_steps": max(warmup, 1),
+                "warmup_min_ratio": 0.0 if warmup > 0 else 1.0,
                 "cos_min_ratio": 0.0,
                 "warmup_type": "linear",
             },

@@ -186,6 +186,12 @@ class Trainer:
                 self._after_step(metrics, bar)
                 if s.step >= self.total_steps:
                     break
+                if s.step == cfg.run.stop_after_steps:
+                    self.save_checkpoint()
+                    self._print(f"stopping at step {s.step} (run.stop_after_steps); resume with "
+                                "checkpoint.resume=latest")
+                    self.sink.close()
+                    return {"step": s.step, "stopped": True}
                 t_data = time.perf_counter()
             else:  # the epoch's loader is exhausted
                 s.epoch += 1
@@ -317,8 +323,8 @@ class Trainer:
                        "samples_seen": self.state.samples_seen,
                        "samples_trained": self.state.samples_trained,
                        "time_s": time.time() - self._t_start, **metrics}, self.state.step)
-        self._print("eval @ step %d: %s" % (self.state.step, json.dumps(
-            {k: round(v, 4) for k, v in metrics.items()})))
+        rounded = {k: round(v, 4) for k, v in metrics.items()}
+        self._print(f"eval @ step {self.state.step}: {json.dumps(rounded)}")
         return metrics
 
     def finish(self) -> dict:
