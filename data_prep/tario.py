@@ -17,7 +17,9 @@ import webdataset as wds
 
 from data_prep import DataPrepError
 
-FIXED_MTIME = 0.0  # tar member mtime for reproducible shards
+# Tar member mtime, fixed for reproducible shards. An int: tarfile writes a PAX header (1 KiB)
+# for every member whose mtime is a float.
+FIXED_MTIME = 0
 
 
 def split_member(name: str) -> tuple[str, str]:
