@@ -7,7 +7,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo data lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,19 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	./scripts/demo.sh
+
+# Fashion-MNIST from Debian; installed when missing (needs root or sudo).
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+$(FMNIST):
+	@echo "installing dataset-fashion-mnist (the demo's real images)"
+	@SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	{ $$SUDO apt-get install -y -q dataset-fashion-mnist || \
+	  { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; }; } || \
+	{ echo "could not install it: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; }
+
+# The demo shards (40% caption noise) in data/fmnist; reused when already complete.
+data: $(STAMP) $(FMNIST)
+	$(BIN)/dissect-prep demo --out data/fmnist --noise 0.4
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline data_prep benchmarks tests
