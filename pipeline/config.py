@@ -10,6 +10,7 @@ and what is allowed, before any work starts. ``save_config`` writes the resolved
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -243,6 +244,9 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # YAML reads .inf/.nan as floats; no field means them (optim.epochs=.inf overflows)
+            if not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -255,7 +259,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 def _build(cls: type, raw: dict, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
