@@ -60,8 +60,10 @@ def inject_noise(
     swap = {int(uids[i]): (captions[j], int(uids[j])) for i, j in zip(noisy_pos, donor_pos)}
 
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.tar"):
-        stale.unlink()
+    names = {shard.name for shard in shards}
+    for stale in out.glob("*.tar"):  # from an earlier run with other shards; the rest are replaced
+        if stale.name not in names:  # atomically below, so a reader never sees a half-written tar
+            stale.unlink()
     written, label_counts, noisy, has_label = [], Counter(), 0, False
     for shard in shards:
         with ShardTarWriter(out / shard.name) as writer:
