@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from data_prep import DataPrepError
 from data_prep.manifest import new_manifest, read_manifest, shard_paths, write_manifest
@@ -65,7 +66,7 @@ def inject_noise(
         if stale.name not in names:  # atomically below, so a reader never sees a half-written tar
             stale.unlink()
     written, label_counts, noisy, has_label = [], Counter(), 0, False
-    for shard in shards:
+    for shard in tqdm(shards, desc="noise: writing", unit="shard", disable=None):
         with ShardTarWriter(out / shard.name) as writer:
             for sample in iter_samples(shard):
                 meta = sample_meta(sample, shard)
@@ -116,7 +117,7 @@ def inject_noise(
 def _read_pairs(shards: list[Path]) -> tuple[np.ndarray, list[str], np.ndarray]:
     """uid, caption and label (-1 when absent) of every sample, in shard order."""
     uids, captions, labels = [], [], []
-    for shard in shards:
+    for shard in tqdm(shards, desc="noise: reading", unit="shard", disable=None):
         for sample in iter_samples(shard):
             meta = sample_meta(sample, shard)
             if "uid" not in meta or "txt" not in sample:
