@@ -106,7 +106,7 @@ def build_demo(
     if not 0.0 <= noise < 1.0:
         raise DataPrepError(f"noise must be in [0, 1), got {noise}")
     fmnist.check_source(source_dir)
-    out = Path(out).absolute()
+    given, out = Path(out), Path(out).absolute()  # specs in demo.json keep the path as given
     started = time.time()
     settings = {
         "dataset": "fashion-mnist",
@@ -167,7 +167,7 @@ def build_demo(
             "samples": m["total"],
             "shards": m["num_shards"],
             "noisy": m["noisy"],
-            "spec": brace_spec(out / folder),
+            "spec": brace_spec(given / folder),
         }
     summary["zeroshot"] = next(s.folder for s in splits if s.zeroshot)
     summary["retrieval"] = "val"
