@@ -40,8 +40,10 @@ class RunConfig:
     name: str = "run"
     dir: str = ""  # default: runs/<name>
     seed: int = 0
+    stop_after_steps: int = 0  # > 0: checkpoint and exit at this step, as if preempted
 
     def __post_init__(self):
+        _check(self.stop_after_steps >= 0, "run.stop_after_steps", "a non-negative integer", self.stop_after_steps)
         _check(bool(self.name) and "/" not in self.name, "run.name", "a non-empty name without '/'", self.name)
         _check(self.seed >= 0, "run.seed", "a non-negative integer", self.seed)
         if not self.dir:
@@ -248,6 +250,13 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             if not math.isfinite(value):
                 raise ConfigError(f"{name} must be a finite number, got {value!r}")
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
+            try:
+                f = float(value)
+            except ValueError:
+                f = None
+            if f is not None and math.isfinite(f):
+                return f
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

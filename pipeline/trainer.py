@@ -22,6 +22,7 @@ import torch
 from open_clip import ClipLoss
 
 from pipeline import checkpoint as ckpt
+from pipeline.collectives import all_reduce_sum
 from pipeline.config import Config, ConfigError, save_config
 from pipeline.data import (
     EpochPlan,
@@ -89,6 +90,51 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class StepRunner:
+    """One training step on a loaded super-batch: select -> forward -> loss -> backward/step.
+
+    Separate from the loop so benchmarks time exactly what training runs.
+    """
+
+    def __init__(self, cfg: Config, dist, model: torch.nn.Module, total_steps: int,
+                 store_size: int, steps_per_epoch: int):
+        self.cfg, self.dist = cfg, dist
+        self.engine = Engine(cfg, model, total_steps)
+        self.loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=dist.rank,
+                                world_size=dist.world_size)
+        self.selector = None
+        if cfg.selection.method != "none":
+            self.selector = Selector(cfg, self.engine, dist, store_size, steps_per_epoch)
+
+    def step(self, batch: dict, s: TrainState) -> dict:
+        W = self.dist.world_size
+        metrics: dict = {}
+        if self.selector is not None:
+            batch, sel_stats = self.selector.select(batch, s.step, s.epoch)
+            metrics.update(sel_stats)
+        t0 = time.perf_counter()
+        img, txt, scale = self.engine.forward(batch["images"], batch["tokens"])
+        loss = self.loss_fn(img, txt, scale)
+        # every rank must agree to skip, or the collectives in backward would hang
+        ok = int(all_reduce_sum(torch.isfinite(loss.detach()).float().reshape(1)).item()) == W
+        if ok:
+            self.engine.backward_step(loss)
+        else:
+            metrics["train/skipped_nonfinite"] = 1.0
+        if self.engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        metrics["perf/train_s"] = time.perf_counter() - t0
+        if self.selector is not None:
+            self.selector.after_step(s.step)
+        s.step += 1
+        s.step_in_epoch += 1
+        s.samples_seen += W * self.cfg.super_batch_size
+        s.samples_trained += W * self.cfg.data.batch_size if ok else 0
+        metrics.update(loss=float(loss.detach().float().item()),
+                       logit_scale=float(scale.detach().float().item()))
+        return metrics
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -120,12 +166,9 @@ class Trainer:
             resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
         )
 
-        self.engine = Engine(cfg, bundle.model, self.total_steps)
-        self.loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=d.rank, world_size=W)
-        self.selector = None
-        if cfg.selection.method != "none":
-            size = cfg.selection.store_size or ((max_uid(urls) or samples - 1) + 1)
-            self.selector = Selector(cfg, self.engine, d, size, self.steps_per_epoch)
+        store_size = cfg.selection.store_size or ((max_uid(urls) or samples - 1) + 1)
+        self.stepper = StepRunner(cfg, d, bundle.model, self.total_steps, store_size, self.steps_per_epoch)
+        self.engine, self.selector = self.stepper.engine, self.stepper.selector
         self.state = TrainState()
 
         if d.is_main:
@@ -219,39 +262,17 @@ class Trainer:
                 )
 
     def train_step(self, batch: dict) -> dict:
-        s, W = self.state, self.dist.world_size
-        metrics: dict = {}
-        if self.selector is not None:
-            batch, sel_stats = self.selector.select(batch, s.step, s.epoch)
-            metrics.update(sel_stats)
-        t0 = time.perf_counter()
-        img, txt, scale = self.engine.forward(batch["images"], batch["tokens"])
-        loss = self.loss_fn(img, txt, scale)
-        finite = torch.tensor([float(torch.isfinite(loss).item())])
-        from pipeline.collectives import all_reduce_sum
-
-        ok = float(all_reduce_sum(finite).item()) == W
-        if ok:
-            self.engine.backward_step(loss)
-            s.bad_steps = 0
-        else:
+        s = self.state
+        metrics = self.stepper.step(batch, s)
+        if metrics.get("train/skipped_nonfinite"):
             s.bad_steps += 1
-            metrics["train/skipped_nonfinite"] = 1.0
             if s.bad_steps >= self.cfg.optim.max_bad_steps:
                 raise TrainingError(
                     f"{s.bad_steps} non-finite losses in a row at step {s.step}; the last good "
                     f"checkpoint is {ckpt.latest_tag(self.ckpt_dir)}; lower optim.lr or check the data"
                 )
-        if self.engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        metrics["perf/train_s"] = time.perf_counter() - t0
-        if self.selector is not None:
-            self.selector.after_step(s.step)
-        s.step += 1
-        s.step_in_epoch += 1
-        s.samples_seen += W * self.B
-        s.samples_trained += W * self.cfg.data.batch_size if ok else 0
-        metrics.update(loss=float(loss.detach().float().item()), logit_scale=float(scale.detach().float().item()))
+        else:
+            s.bad_steps = 0
         return metrics
 
     def _after_step(self, metrics: dict, bar) -> None:

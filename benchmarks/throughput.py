@@ -1,0 +1,158 @@
+"""Model throughput with and without selection, on in-memory synthetic batches.
+
+    python -m benchmarks.throughput --model ViT-B-32 --batch 256 --ratio 0.2 --precision bf16 \
+        --methods none@b,none@B,random,dissect:memory,dissect:ema --out results/throughput.json
+    torchrun --nproc_per_node N -m benchmarks.throughput ...        (several GPUs / CPU ranks)
+
+Data loading is excluded on purpose (batches are random tensors already on the device), so the
+numbers isolate what selection costs and saves in the model and the collectives. Each method is
+timed through the same StepRunner the trainer uses (select -> forward -> loss -> backward/step).
+
+Methods: `none@b` trains b per rank (what selection trains), `none@B` trains the whole super-batch
+B = b / r (what selection replaces), `random`, `clipscore`, `dissect:<history>`. The cost model in
+DESIGN.md predicts, per scored sample, time(dissect:memory) / time(none@B) = (1 + 3r) / 3 and
+time(dissect:ema) / time(none@B) = (2 + 3r) / 3; the report gives measured vs predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import pipeline  # noqa: F401
+from pipeline.config import config_from_dict
+from pipeline.dist import init_distributed
+from pipeline.model import build_model
+from pipeline.trainer import StepRunner, TrainState
+
+
+def make_batch(n: int, image_size: int, ctx: int, uid0: int, device, gen) -> dict:
+    return {
+        "images": torch.randn(n, 3, image_size, image_size, generator=gen).to(device),
+        "tokens": torch.randint(1, 49000, (n, ctx), generator=gen).to(device),
+        "uid": torch.arange(uid0, uid0 + n, dtype=torch.int64),
+        "label": torch.full((n,), -1, dtype=torch.int64),
+        "noisy": torch.zeros(n, dtype=torch.bool),
+        "captions": [""] * n,
+    }
+
+
+def bench_method(method: str, args, dist) -> dict:
+    b, r = args.batch, args.ratio
+    B = int(round(b / r))
+    sel, history = (method.split(":") + ["memory"])[:2]
+    if sel.startswith("none"):
+        train_b = B if method == "none@B" else b
+        sel_cfg = {"method": "none"}
+    else:
+        train_b = b
+        sel_cfg = {"method": sel, "ratio": r, "history": history, "warmup_steps": args.warmup,
+                   "score_chunk": args.score_chunk, "log_samples": False}
+    cfg = config_from_dict({
+        "run": {"seed": 0},
+        "data": {"batch_size": train_b},
+        "model": {"name": args.model},
+        "optim": {"lr": 1e-4, "warmup_steps": 0},
+        "selection": sel_cfg,
+        "deepspeed": {"zero_stage": args.zero_stage, "precision": args.precision},
+    })
+    loaded = cfg.super_batch_size
+    W = dist.world_size
+    bundle = build_model(args.model, seed=0)
+    image_size = bundle.preprocess_val.transforms[0].size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+    total = args.warmup + args.steps
+    # uids cycle over what warm-up saw, so memory/snapshot read real stored scores afterwards
+    pool = max(1, args.warmup) * W * loaded
+    runner = StepRunner(cfg, dist, bundle.model, total, store_size=pool, steps_per_epoch=total)
+    state = TrainState()
+    gen = torch.Generator().manual_seed(dist.rank)
+    batches = [make_batch(loaded, image_size, bundle.context_length, 0, runner.engine.device, gen)
+               for _ in range(2)]
+    times, parts = [], {}
+    for step in range(total):
+        batch = dict(batches[step % 2])
+        uid0 = (step * W + dist.rank) * loaded % pool
+        batch["uid"] = torch.arange(uid0, uid0 + loaded, dtype=torch.int64)
+        t0 = time.perf_counter()
+        m = runner.step(batch, state)
+        dt = time.perf_counter() - t0
+        if step >= args.warmup:
+            times.append(dt)
+            for k, v in m.items():
+                if k.startswith("perf/"):
+                    parts.setdefault(k, []).append(v)
+    step_s = statistics.median(times)
+    del runner
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {
+        "method": method, "train_batch": train_b, "loaded_batch": loaded, "world": W,
+        "step_s": step_s,
+        "scored_per_s": W * loaded / step_s,
+        "trained_per_s": W * train_b / step_s,
+        **{k: statistics.median(v) for k, v in parts.items()},
+    }
+
+
+def report(results: list[dict], ratio: float) -> str:
+    base = {r["method"]: r for r in results}
+    full = base.get("none@B")
+    lines = [f"| method | loaded/rank | trained/rank | step s | scored samples/s | trained samples/s | "
+             f"time per loaded sample vs none@B | cost model |",
+             "|---|---|---|---|---|---|---|---|"]
+    model = {"none@B": 1.0, "none@b": None, "random": ratio, "clipscore": (1 + 3 * ratio) / 3,
+             "dissect:memory": (1 + 3 * ratio) / 3, "dissect:snapshot": (1 + 3 * ratio) / 3,
+             "dissect:score_ema": (1 + 3 * ratio) / 3, "dissect:ema": (2 + 3 * ratio) / 3}
+    for r in results:
+        rel = ""
+        if full is not None:
+            rel = f"{(r['step_s'] / r['loaded_batch']) / (full['step_s'] / full['loaded_batch']):.3f}"
+        pred = model.get(r["method"])
+        lines.append(f"| {r['method']} | {r['loaded_batch']} | {r['train_batch']} | {r['step_s']:.4f} | "
+                     f"{r['scored_per_s']:.0f} | {r['trained_per_s']:.0f} | {rel} | "
+                     f"{'' if pred is None else f'{pred:.3f}'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny-vit")
+    ap.add_argument("--batch", type=int, default=32, help="train batch b per rank")
+    ap.add_argument("--ratio", type=float, default=0.2)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--zero-stage", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per method")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per method (selection warm-up)")
+    ap.add_argument("--score-chunk", type=int, default=1024)
+    ap.add_argument("--methods", default="none@b,none@B,random,dissect:memory,dissect:ema")
+    ap.add_argument("--out", default="results/throughput.json")
+    args = ap.parse_args(argv)
+    dist = init_distributed()
+    results = []
+    for method in args.methods.split(","):
+        res = bench_method(method, args, dist)
+        results.append(res)
+        if dist.is_main:
+            print(json.dumps(res), file=sys.stderr, flush=True)
+    if dist.is_main:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        table = report(results, args.ratio)
+        out.write_text(json.dumps({"args": vars(args), "device": device, "results": results}, indent=2))
+        out.with_suffix(".md").write_text(f"device: {device}, world {dist.world_size}, model {args.model}, "
+                                          f"{args.precision}, ZeRO-{args.zero_stage}, b={args.batch}, "
+                                          f"r={args.ratio}\n\n{table}\n")
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

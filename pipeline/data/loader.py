@@ -1,0 +1,334 @@
+"""Shards -> per-rank super-batches, as a chain of generator stages (each testable alone).
+
+    shard_source -> wds.tarfile_samples -> shuffle -> position/skip -> decode -> batch
+
+Each rank gets its own slice of the shards (split by node, then by DataLoader worker); the
+shard order is reshuffled every epoch from (seed, epoch), identically on all ranks. Every
+epoch yields exactly ``steps`` batches per rank, so ranks never disagree on the step count:
+a worker whose shards run out starts another shuffled pass over them (in resampled mode it
+draws shards with replacement, the usual web-scale setting).
+
+Resume is exact: the shuffle buffer is seeded per (seed, epoch, rank, worker), so the stream of
+raw samples after the shuffle is deterministic; each batch carries how many raw samples its
+worker consumed, and a resumed worker skips that many (tar reading only, no decode). Workers
+are rotated so the DataLoader's round-robin restarts with the worker whose turn it was.
+
+Batch dict (N = samples in the batch):
+    images [N, 3, H, W] float, tokens [N, L] int64, uid [N] int64, label [N] int64 (-1: none),
+    noisy [N] bool, captions list[str], plus bookkeeping: worker (int), raw_pos (int),
+    skipped (dict reason -> count since the worker's previous batch).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pipeline.config import ConfigError
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; ``reason`` is the metrics key (data/skipped/<reason>)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+def _rng(*parts: int) -> random.Random:
+    return random.Random(hash(tuple(int(p) for p in parts)))
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+
+def shard_source(
+    urls: list[str], *, seed: int, epoch: int, rank: int, world: int, worker: int, nworkers: int,
+    resampled: bool,
+) -> Iterator[dict]:
+    """Endless {"url": ...} for this (rank, worker); see the module docstring for the order."""
+    if resampled:
+        rng = _rng(seed, epoch, rank, worker, 7)
+        while True:
+            yield {"url": rng.choice(urls)}
+    for rep in range(1 << 30):
+        order = list(urls)
+        _rng(seed, epoch, rep).shuffle(order)
+        mine = order[rank::world][worker::nworkers]
+        if not mine:
+            raise ConfigError(
+                f"{len(urls)} shards cannot feed {world} ranks x {nworkers} workers: rank {rank} "
+                f"worker {worker} gets none; use more shards, fewer data.workers, or data.resampled=true"
+            )
+        for u in mine:
+            yield {"url": u}
+
+
+def tar_cut_short(url: str) -> bool:
+    """A local shard that does not end with tar's end-of-archive blocks (1024 zero bytes).
+
+    tarfile reads a shard cut at a member boundary as a shorter valid archive, silently; this
+    catches that (and a cut anywhere else) with one 1 KiB read. Remote shards are not checked.
+    """
+    if "://" in url or url.startswith("pipe:"):
+        return False
+    try:
+        size = Path(url).stat().st_size
+        if size < 1024 or size % 512:
+            return True
+        with open(url, "rb") as f:
+            f.seek(size - 1024)
+            return f.read(1024) != bytes(1024)
+    except OSError:
+        return False  # cannot be opened at all: the tar reader reports that
+
+
+class SkipCounter:
+    """Counts skipped samples by reason and names the shards they came from (per worker process).
+
+    ``track`` sits between the shard source and the tar reader, so the counter knows which shard
+    is being read when webdataset calls ``tar_handler`` (the exception's args do not reliably
+    name it). A broken shard counts once each time it is opened, and is named on stderr the
+    first time. ``track`` also stops a stream whose shards yield no sample at all, which would
+    otherwise loop over them forever.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.by_shard: Counter = Counter()  # url -> samples (or shard errors) skipped
+        self.url = "?"  # the shard being read
+        self.read = 0  # raw samples read from tars
+        self._shard_failed = False
+
+    def track(self, src: Iterable[dict], stall_after: int, where: str) -> Iterator[dict]:
+        """Pass shards through, noting the current one; ConfigError after ``stall_after`` barren ones."""
+        read_at, barren = self.read, -1
+        for item in src:
+            barren = barren + 1 if self.read == read_at else 0  # did the previous shard give samples?
+            read_at = self.read
+            if stall_after and barren >= stall_after:
+                names = ", ".join(list(self.by_shard)[:5]) or self.url
+                raise ConfigError(
+                    f"data.train: {barren} shards in a row gave no sample ({where}); unreadable: {names}"
+                )
+            self.url, self._shard_failed = item["url"], False
+            if tar_cut_short(self.url):
+                self._shard_error("truncated_tar", "no tar end-of-archive marker: cut short, or not a tar")
+            yield item
+
+    def count_read(self, samples: Iterable[dict]) -> Iterator[dict]:
+        for s in samples:
+            self.read += 1
+            yield s
+
+    def _shard_error(self, reason: str, detail: str) -> None:
+        if self._shard_failed:  # one broken shard raises in several webdataset stages
+            return
+        self._shard_failed = True
+        self.counts[reason] += 1
+        if self.url not in self.by_shard:
+            print(f"dissect-train: warning: shard {self.url}: {detail}; reading what it can",
+                  file=sys.stderr, flush=True)
+        self.by_shard[self.url] += 1
+
+    def tar_handler(self, exn: Exception) -> bool:
+        first = str(exn.args[0]).split(" @ ")[0] if exn.args else ""
+        self._shard_error("unreadable_tar", f"{type(exn).__name__}: {first[:200]}")
+        return True  # keep going with the next member / shard
+
+    def skip(self, reason: str, url: str) -> None:
+        self.counts[reason] += 1
+        self.by_shard[url] += 1
+
+    def take(self) -> dict:
+        out = dict(self.counts)
+        self.counts.clear()
+        return out
+
+    def worst_shards(self, n: int = 10) -> list[str]:
+        """The shards with the most skips, as 'url (k skipped)', for the stop message."""
+        return [f"{u} ({k} skipped)" for u, k in self.by_shard.most_common(n)]
+
+
+def skip_raw(samples: Iterable[dict], n: int, position: list[int]) -> Iterator[dict]:
+    """Drop the first ``n`` raw samples; ``position[0]`` counts raw samples consumed."""
+    for s in samples:
+        position[0] += 1
+        if position[0] <= n:
+            continue
+        yield s
+
+
+def decode_sample(sample: dict, preprocess: Callable) -> dict:
+    """Raw webdataset sample -> {image tensor, caption, uid, label, noisy}; SkipSample if unusable."""
+    img_key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if img_key is None:
+        raise SkipSample("no_image")
+    if "json" not in sample:
+        raise SkipSample("no_json")
+    try:
+        meta = json.loads(sample["json"])
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[...]]]]
+        raise SkipSample("bad_json") from None
+    uid = meta.get("uid") if isinstance(meta, dict) else None
+    if not isinstance(uid, int) or isinstance(uid, bool) or uid < 0:
+        raise SkipSample("bad_uid")
+    caption = sample.get("txt", b"")
+    caption = caption.decode("utf-8", "replace") if isinstance(caption, bytes) else str(caption)
+    if not caption.strip():
+        raise SkipSample("empty_caption")
+    try:
+        with Image.open(io.BytesIO(sample[img_key])) as im:
+            image = preprocess(im.convert("RGB"))
+    except Exception:  # PIL raises many types for bad bytes
+        raise SkipSample("bad_image") from None
+    label = meta.get("label", -1)
+    # Python's json accepts NaN and 1e999; int() of those would end the whole run
+    ok_label = isinstance(label, (int, float)) and not isinstance(label, bool) and math.isfinite(label)
+    return {
+        "image": image,
+        "caption": caption.strip(),
+        "uid": meta["uid"],
+        "label": int(label) if ok_label else -1,
+        "noisy": bool(meta.get("noisy", False)),
+    }
+
+
+def collate(items: list[dict], tokenizer: Callable) -> dict:
+    captions = [it["caption"] for it in items]
+    return {
+        "images": torch.stack([it["image"] for it in items]),
+        "tokens": tokenizer(captions),
+        "uid": torch.tensor([it["uid"] for it in items], dtype=torch.int64),
+        "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
+        "noisy": torch.tensor([it["noisy"] for it in items], dtype=torch.bool),
+        "captions": captions,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-rank stream
+
+
+@dataclass
+class StreamSpec:
+    urls: list[str]
+    batch_size: int  # samples per batch on this rank (the super-batch with selection)
+    preprocess: Callable
+    tokenizer: Callable
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+    nworkers: int = 0  # DataLoader workers (0: in the main process)
+    resampled: bool = False
+    shuffle_buffer: int = 2000
+    shuffle: bool = True  # False for evaluation: shards in order, no buffer
+
+
+@dataclass
+class EpochPlan:
+    """What one epoch's stream must produce, and where a resumed stream starts."""
+
+    epoch: int
+    steps: int  # batches this rank yields in the epoch
+    start_step: int = 0  # batches already consumed (resume)
+    raw_pos: dict[int, int] = field(default_factory=dict)  # logical worker -> raw samples consumed
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    def __init__(self, spec: StreamSpec, plan: EpochPlan):
+        super().__init__()
+        self.spec, self.plan = spec, plan
+
+    def _batches_for(self, logical: int, nw: int) -> int:
+        # round-robin over logical workers, starting at step start_step
+        remaining = self.plan.steps - self.plan.start_step
+        first = self.plan.start_step % nw
+        k = (logical - first) % nw
+        return 0 if k >= remaining else (remaining - k + nw - 1) // nw
+
+    def __iter__(self) -> Iterator[dict]:
+        sp, plan = self.spec, self.plan
+        info = torch.utils.data.get_worker_info()
+        worker_id, nw = (info.id, info.num_workers) if info else (0, 1)
+        logical = (worker_id + plan.start_step) % nw  # rotation: see module docstring
+        n_batches = self._batches_for(logical, nw)
+        if n_batches == 0:
+            return
+        counter = SkipCounter()
+        src = shard_source(
+            sp.urls, seed=sp.seed, epoch=plan.epoch, rank=sp.rank, world=sp.world,
+            worker=logical, nworkers=nw, resampled=sp.resampled,
+        )
+        if not sp.shuffle:  # evaluation: every shard once, in order
+            src = ({"url": u} for u in sp.urls)
+        # endless sources: after this many barren shards in a row none of ours can be read
+        # (resampled draws with replacement: 10x makes a missed readable shard ~e^-10 unlikely)
+        stall = 0 if not sp.shuffle else len(sp.urls) * (10 if sp.resampled else 1) + 1
+        where = f"rank {sp.rank} worker {logical}, {len(sp.urls)} shards in all"
+        samples = wds.tarfile_samples(counter.track(src, stall, where), handler=counter.tar_handler)
+        samples = counter.count_read(samples)
+        if sp.shuffle and sp.shuffle_buffer > 1:
+            rng = _rng(sp.seed, plan.epoch, sp.rank, logical, 11)
+            samples = wds.filters._shuffle(samples, sp.shuffle_buffer, min(100, sp.shuffle_buffer), rng=rng)
+        position = [0]
+        samples = skip_raw(samples, plan.raw_pos.get(logical, 0), position)
+        items: list[dict] = []
+        produced = 0
+        for raw in samples:
+            try:
+                items.append(decode_sample(raw, sp.preprocess))
+            except SkipSample as s:
+                counter.skip(s.reason, raw.get("__url__", "?"))
+                continue
+            if len(items) == sp.batch_size:
+                batch = collate(items, sp.tokenizer)
+                batch.update(worker=logical, raw_pos=position[0], skipped=counter.take(),
+                             bad_shards=counter.worst_shards())
+                yield batch
+                items = []
+                produced += 1
+                if produced == n_batches:
+                    return
+        if items and not sp.shuffle:  # evaluation keeps the last partial batch
+            batch = collate(items, sp.tokenizer)
+            batch.update(worker=logical, raw_pos=position[0], skipped=counter.take(),
+                         bad_shards=counter.worst_shards())
+            yield batch
+
+
+def _identity(batch_list):
+    return batch_list[0]
+
+
+def make_loader(spec: StreamSpec, plan: EpochPlan) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        ShardStream(spec, plan),
+        batch_size=1,
+        collate_fn=_identity,
+        num_workers=spec.nworkers,
+        persistent_workers=False,
+        prefetch_factor=4 if spec.nworkers > 0 else None,
+    )
+
+
+def make_eval_loader(urls: list[str], preprocess, tokenizer, batch_size: int, max_samples: int = 0):
+    """Every sample of the val shards once, in order, same on every rank. Yields batch dicts."""
+    spec = StreamSpec(urls=urls, batch_size=batch_size, preprocess=preprocess, tokenizer=tokenizer,
+                      shuffle=False, nworkers=0)
+    steps = (max_samples + batch_size - 1) // batch_size if max_samples else 1 << 40
+    return ShardStream(spec, EpochPlan(epoch=0, steps=steps))
