@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.dist import DistInfo, barrier
 
 COMPLETE = "COMPLETE"
@@ -56,6 +57,21 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _fsync_tree(d: Path) -> None:
+    """Flush every file under ``d`` (and ``d`` itself) to disk. COMPLETE is written only after
+    this: a power loss must not leave a durable marker in front of data still in the page cache.
+    On a shared filesystem the writers' close() has already sent the data to the server."""
+    for p in sorted(d.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def complete_tags(ckpt_dir: Path) -> list[str]:
     if not ckpt_dir.is_dir():
         return []
@@ -76,6 +92,10 @@ def save(engine, ckpt_dir: Path, step: int, states: dict, dist: DistInfo, keep: 
     """All ranks call this. ``states``: name -> object with state_dict(), or plain data."""
     tag = tag_for(step)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    # Saving a tag again (after resuming from an older checkpoint) overwrites a complete dir: its
+    # old marker must go first, or a crash mid-write leaves COMPLETE on a mix of old and new
+    # files. Every rank unlinks before writing; COMPLETE comes back only after the barrier below.
+    (ckpt_dir / tag / COMPLETE).unlink(missing_ok=True)
     engine.save(ckpt_dir, tag, client_state={"step": step})
     mine = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in states.items()}
     mine["rng"] = rng_state()
@@ -84,6 +104,7 @@ def save(engine, ckpt_dir: Path, step: int, states: dict, dist: DistInfo, keep: 
     os.replace(path.with_suffix(".tmp"), path)
     barrier()  # every rank has written its part
     if dist.is_main:
+        _fsync_tree(ckpt_dir / tag)
         _atomic_write(ckpt_dir / tag / COMPLETE, "ok\n")
         _atomic_write(ckpt_dir / "latest", tag + "\n")
         prune(ckpt_dir, keep)
@@ -115,7 +136,8 @@ def resolve(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
         return (ckpt_dir, tag) if tag else None
     p = Path(resume)
     if not (p / COMPLETE).is_file():
-        raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a complete checkpoint directory")
+        what = "has no COMPLETE marker (its save did not finish)" if p.is_dir() else "does not exist"
+        raise ConfigError(f"checkpoint.resume={resume!r} {what}; give 'latest' or a complete step_* dir")
     return p.parent, p.name
 
 

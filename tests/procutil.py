@@ -2,8 +2,9 @@
 
     p = run_cmd([sys.executable, "-m", "pipeline.train", ...], timeout=120)
 
-The command gets its own process group, and a timeout kills the whole group: torchrun's ranks
-are grandchildren, and killing only torchrun would leave them running (and holding CPUs).
+A timeout (or ``kill_tree``) kills the whole process tree: torchrun starts every rank in a
+session of its own, so neither killing torchrun nor its process group reaches the ranks, which
+would go on training (and writing the run directory) as orphans.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil  # a DeepSpeed dependency
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -34,22 +37,33 @@ def run_cmd(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
+        kill_tree(p.pid)
         p.communicate()
         raise
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal ``pid`` and every descendant (the ranks first), as a preemption would."""
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def start_cmd(cmd: list[str], log: Path) -> subprocess.Popen:
-    """Start in the background (own process group), stdout+stderr to ``log``."""
+    """Start in the background, stdout+stderr to ``log``."""
     f = open(log, "w")
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
-def kill_group(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(p.pid, sig)
-    except ProcessLookupError:
-        pass
+def kill_all(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    kill_tree(p.pid, sig)
     p.wait(timeout=30)
