@@ -27,9 +27,9 @@ import math
 import random
 import sys
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 import webdataset as wds
@@ -327,8 +327,22 @@ def make_loader(spec: StreamSpec, plan: EpochPlan) -> torch.utils.data.DataLoade
 
 
 def make_eval_loader(urls: list[str], preprocess, tokenizer, batch_size: int, max_samples: int = 0):
-    """Every sample of the val shards once, in order, same on every rank. Yields batch dicts."""
+    """Every sample of the val shards once, in order, same on every rank (at most max_samples)."""
     spec = StreamSpec(urls=urls, batch_size=batch_size, preprocess=preprocess, tokenizer=tokenizer,
                       shuffle=False, nworkers=0)
-    steps = (max_samples + batch_size - 1) // batch_size if max_samples else 1 << 40
-    return ShardStream(spec, EpochPlan(epoch=0, steps=steps))
+    stream = ShardStream(spec, EpochPlan(epoch=0, steps=1 << 40))
+    if not max_samples:
+        return stream
+    return _truncate(stream, max_samples)
+
+
+def _truncate(batches: Iterable[dict], n: int) -> Iterator[dict]:
+    seen = 0
+    for batch in batches:
+        take = min(len(batch["uid"]), n - seen)
+        if take < len(batch["uid"]):
+            batch = {k: (v[:take] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+        yield batch
+        seen += take
+        if seen >= n:
+            return
