@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Train on one machine with every local GPU (or NPROC CPU processes).
+#
+#   launch/single_node.sh [--dry-run] CONFIG [key=value ...]
+#
+#   NPROC=N        processes (default: one per GPU that `nvidia-smi -L` lists; 2 without GPUs)
+#   LAUNCHER=torchrun (default) | deepspeed
+#   MASTER_PORT=P  deepspeed launcher only (default: a free port); torchrun --standalone picks one
+#
+# Overrides go to the trainer untouched. Before starting, the config is checked with
+# `python -m pipeline.train --check` (see DISSECT_CHECK in launch/env.sh); the command that runs
+# is printed first. --dry-run checks and prints, then exits 0 without starting anything.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+
+usage="usage: launch/single_node.sh [--dry-run] CONFIG [key=value ...]"
+dry_run=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+    dry_run=1
+    shift
+fi
+case "${1:-}" in
+    "" ) dissect_die "no config given; $usage" ;;
+    -h | --help ) echo "$usage"; exit 0 ;;
+    -* ) dissect_die "unknown option '$1'; $usage" ;;
+esac
+config="$1"
+shift
+
+nproc="$(dissect_default_nproc)"
+dissect_default_omp_threads "$nproc"
+dissect_check_config "$config" "$@"
+
+case "${LAUNCHER:-torchrun}" in
+    torchrun)
+        cmd=("$TORCHRUN" --standalone --nnodes 1 --nproc-per-node "$nproc"
+            -m pipeline.train --config "$config" "$@")
+        ;;
+    deepspeed)
+        port="${MASTER_PORT:-$(dissect_free_port)}"
+        cmd=("$DEEPSPEED" --num_gpus "$nproc" --master_addr 127.0.0.1 --master_port "$port"
+            --module pipeline.train --config "$config" "$@")
+        ;;
+    *) dissect_die "LAUNCHER must be torchrun or deepspeed, got '$LAUNCHER'" ;;
+esac
+
+dissect_print_env
+dissect_print_cmd "${cmd[@]}"
+[[ "$dry_run" == 1 ]] && exit 0
+exec "${cmd[@]}"
