@@ -75,7 +75,34 @@ def shard_source(
                 f"worker {worker} gets none; use more shards, fewer data.workers, or data.resampled=true"
             )
         for u in mine:
-            yield {"url": u}
+            yield {"url": u, "pass": rep}
+
+
+def shuffle_within_passes(samples: Iterable[dict], bufsize: int, seed_parts: tuple) -> Iterator[dict]:
+    """A seeded shuffle buffer that drains at every pass boundary (sample["__pass__"] changes).
+
+    A worker's shards are read in passes; draining keeps one pass's samples from mixing with the
+    next, so no sample is seen twice before its pass is over. Deterministic for given seeds.
+    """
+    buf: list[dict] = []
+    current, rng = None, None
+
+    def pop() -> dict:
+        i = rng.randrange(len(buf))
+        buf[i], buf[-1] = buf[-1], buf[i]
+        return buf.pop()
+
+    for sample in samples:
+        p = sample.get("__pass__", 0)
+        if p != current:
+            while buf:
+                yield pop()
+            current, rng = p, _rng(*seed_parts, p)
+        buf.append(sample)
+        if len(buf) >= bufsize:
+            yield pop()
+    while buf:
+        yield pop()
 
 
 def tar_cut_short(url: str) -> bool:
@@ -126,13 +153,16 @@ class SkipCounter:
                     f"data.train: {barren} shards in a row gave no sample ({where}); unreadable: {names}"
                 )
             self.url, self._shard_failed = item["url"], False
+            self.pass_id = item.get("pass", 0)
             if tar_cut_short(self.url):
                 self._shard_error("truncated_tar", "no tar end-of-archive marker: cut short, or not a tar")
             yield item
 
     def count_read(self, samples: Iterable[dict]) -> Iterator[dict]:
+        """Count samples read, tagging each with the pass its shard belongs to."""
         for s in samples:
             self.read += 1
+            s["__pass__"] = getattr(self, "pass_id", 0)
             yield s
 
     def _shard_error(self, reason: str, detail: str) -> None:
@@ -283,8 +313,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         samples = wds.tarfile_samples(counter.track(src, stall, where), handler=counter.tar_handler)
         samples = counter.count_read(samples)
         if sp.shuffle and sp.shuffle_buffer > 1:
-            rng = _rng(sp.seed, plan.epoch, sp.rank, logical, 11)
-            samples = wds.filters._shuffle(samples, sp.shuffle_buffer, min(100, sp.shuffle_buffer), rng=rng)
+            samples = shuffle_within_passes(samples, sp.shuffle_buffer, (sp.seed, plan.epoch, sp.rank, logical, 11))
         position = [0]
         samples = skip_raw(samples, plan.raw_pos.get(logical, 0), position)
         items: list[dict] = []
