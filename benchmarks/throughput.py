@@ -104,8 +104,8 @@ def bench_method(method: str, args, dist) -> dict:
 def report(results: list[dict], ratio: float) -> str:
     base = {r["method"]: r for r in results}
     full = base.get("none@B")
-    lines = [f"| method | loaded/rank | trained/rank | step s | scored samples/s | trained samples/s | "
-             f"time per loaded sample vs none@B | cost model |",
+    lines = ["| method | loaded/rank | trained/rank | step s | scored samples/s | trained samples/s | "
+             "time per loaded sample vs none@B | cost model |",
              "|---|---|---|---|---|---|---|---|"]
     model = {"none@B": 1.0, "none@b": None, "random": ratio, "clipscore": (1 + 3 * ratio) / 3,
              "dissect:memory": (1 + 3 * ratio) / 3, "dissect:snapshot": (1 + 3 * ratio) / 3,

@@ -85,3 +85,20 @@ def make_sink(run_dir: Path, is_main: bool, tensorboard: bool = True):
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def truncate_metrics_after(run_dir: str | Path, step: int) -> int:
+    """Drop metrics.jsonl rows past ``step`` (in place, so an open append handle stays valid).
+
+    Returns how many rows were dropped. Used on resume: the steps after the checkpoint are
+    trained again and logged again, so each step appears once.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    with open(path, "r+") as f:
+        f.writelines(keep)
+        f.truncate()
+    return len(lines) - len(keep)

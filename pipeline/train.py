@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import pipeline  # noqa: F401
     from pipeline.config import ConfigError, load_config
+    from pipeline.selection.store import StoreRangeError
     from pipeline.trainer import Trainer, TrainingError, validate_paths
 
     try:
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"dissect-train: config error: {err}", file=sys.stderr)
         return 2
-    except TrainingError as err:
+    except (TrainingError, StoreRangeError) as err:
         print(f"dissect-train: stopped: {err}", file=sys.stderr)
         return 3
     return 0

@@ -36,9 +36,13 @@ from pipeline.data import (
 from pipeline.dist import barrier, init_distributed
 from pipeline.engine import Engine, write_ds_config
 from pipeline.evaluate import evaluate_sets
-from pipeline.metrics import make_sink
+from pipeline.metrics import make_sink, truncate_metrics_after
 from pipeline.model import build_model, check_model_name
 from pipeline.selection import Selector
+
+# reasons a sample is skipped (pipeline/data/loader.py); summed over ranks every step
+SKIP_REASONS = ("no_image", "no_json", "bad_json", "bad_uid", "empty_caption", "bad_image",
+                "unreadable_tar", "truncated_tar")
 
 
 class TrainingError(RuntimeError):
@@ -50,7 +54,10 @@ def validate_paths(cfg: Config) -> list[str]:
     check_model_name(cfg.model.name)
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give the train shards (a directory or brace pattern)")
-    urls = expand_shards(cfg.data.train)
+    try:
+        urls = expand_shards(cfg.data.train)
+    except ConfigError as err:
+        raise ConfigError(f"data.train: {err}") from None
     for name, spec in (("data.val", cfg.data.val), ("data.val_retrieval", cfg.data.val_retrieval)):
         if spec:
             try:
@@ -58,7 +65,11 @@ def validate_paths(cfg: Config) -> list[str]:
             except ConfigError as err:
                 raise ConfigError(f"{name}: {err}") from None
     if cfg.data.val:
-        zeroshot_meta(cfg.data.val)  # raises on a malformed templates.txt
+        try:
+            zeroshot_meta(cfg.data.val)  # raises on a malformed templates.txt
+        except ConfigError as err:
+            raise ConfigError(f"data.val: {err}") from None
+    ckpt.resolve(cfg.checkpoint.resume, Path(cfg.run.dir) / "checkpoints")  # a bad path fails here
     return urls
 
 
@@ -197,6 +208,8 @@ class Trainer:
         if self.selector is not None:
             self.selector.load_state_dict(sd.get("selector") or {})
         ckpt.set_rng_state(sd["rng"])
+        if self.dist.is_main:  # rows a killed run logged after this checkpoint are replayed now
+            truncate_metrics_after(self.run_dir, self.state.step)
         self._print(f"resumed from {where[0] / where[1]} at step {self.state.step}")
 
     def save_checkpoint(self) -> None:
@@ -247,13 +260,22 @@ class Trainer:
         return self.finish()
 
     def _account_data(self, batch: dict) -> None:
+        """Track the data position and skipped samples; stop when too many are undecodable.
+
+        Skip counts are summed over ranks (one tiny all-reduce a step), so every rank sees the
+        same totals and all stop together instead of one rank exiting while the rest hang.
+        """
         s = self.state
         s.raw_pos[batch["worker"]] = batch["raw_pos"]
-        for reason, n in batch["skipped"].items():
-            s.skipped[reason] = s.skipped.get(reason, 0) + n
+        local = torch.tensor([float(batch["skipped"].get(r, 0)) for r in SKIP_REASONS])
+        other = sum(n for r, n in batch["skipped"].items() if r not in SKIP_REASONS)
+        total = all_reduce_sum(torch.cat([local, torch.tensor([float(other)])]))
+        for reason, n in zip((*SKIP_REASONS, "other"), total.tolist()):
+            if n:
+                s.skipped[reason] = s.skipped.get(reason, 0) + int(n)
         if s.skipped:
             bad = sum(s.skipped.values())
-            frac = bad / max(1, bad + s.samples_seen // self.dist.world_size)
+            frac = bad / max(1, bad + s.samples_seen)
             if frac > self.cfg.data.max_skip_frac and bad >= 20:
                 shards = ", ".join(batch.get("bad_shards") or []) or "see data/skipped/* in metrics"
                 raise TrainingError(

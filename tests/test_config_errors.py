@@ -187,8 +187,6 @@ def test_cli_prints_exactly_one_line(dirs):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="trainer.validate_paths does not prefix train-shard errors "
-                   "with 'data.train:' as it does for data.val (suggested change in issue 7 report)")
 @pytest.mark.parametrize("override", ["data.train=/nonexistent/x.tar", "data.train={empty}",
                                       "data.val={badtpl}"])
 def test_path_errors_name_the_field(capsys, tmp_path, dirs, override):

@@ -32,7 +32,7 @@ def _store_rank(rank, world, size, steps):
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_store_equals_replicated(world):
     res = run_ranks(_store_rank, world, args=(37, 6), timeout=100)
-    for reads, sd in res:
+    for reads, _sd in res:
         for v, k, ref_v, ref_k in reads:
             assert torch.equal(k, ref_k)
             assert torch.allclose(v[k], ref_v[k])
