@@ -7,6 +7,8 @@ import pytest
 from shardutil import write_digit_shards
 from trainutil import metrics, run_train, train_rows
 
+from pipeline.curate import curate
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
@@ -20,6 +22,8 @@ def shards(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_single_process_learns_and_writes_run_dir(shards, tmp_path):
+    from pipeline.evaluate import main as eval_main
+
     run = tmp_path / "run"
     run_train([f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", f"run.dir={run}",
                "optim.lr=2e-3", "optim.epochs=5", "log.every_steps=4", "checkpoint.every_steps=40"])
@@ -36,6 +40,10 @@ def test_single_process_learns_and_writes_run_dir(shards, tmp_path):
     assert ev["eval/zeroshot_top1"] > 0.2  # chance is 0.1
     assert rows[-1]["samples_trained"] == rows[-1]["samples_seen"] == 80 * 32
     assert any(p.name.startswith("events") for p in (run / "tb").iterdir())
+    # dissect-eval on the exported weights reproduces the run's own final evaluation
+    assert eval_main(["--run", str(run), "--out", str(tmp_path / "ev.json")]) == 0
+    again = json.loads((tmp_path / "ev.json").read_text())
+    assert again["eval/zeroshot_top1"] == pytest.approx(ev["eval/zeroshot_top1"], abs=1e-6)
 
 
 @pytest.mark.slow
@@ -58,7 +66,37 @@ def test_two_ranks_every_zero_stage_with_selection(shards, tmp_path, stage):
     sel = pd.concat(pd.read_parquet(p) for p in sorted((run / "selection").glob("*.parquet")))
     per_step = sel.groupby("step")["kept"].sum()
     assert (per_step == 32).all()  # W * b kept every step
+    assert sel[sel.warmup].step.max() == 3 and not sel[~sel.warmup].empty
     assert (run / "model.pt").exists() and (run / "eval.json").exists()
+    if history == "memory":
+        check_memory_store(sel)
+    if history == "score_ema":
+        check_score_ema(sel, momentum=0.9)
+    uids = curate(run, "last", after_warmup=True)
+    assert 0 < len(uids) < 512
+
+
+def check_memory_store(sel):
+    """After warm-up, h is the s a sample last had during warm-up; unseen samples get h = s."""
+    warm = sel[sel.warmup].sort_values("step").groupby("uid")["s"].last()
+    after = sel[~sel.warmup]
+    seen = after[after.uid.isin(warm.index)]
+    assert len(seen) > 50
+    assert (seen.h.values - warm.loc[seen.uid].values).__abs__().max() < 1e-4
+    fresh = after[~after.uid.isin(warm.index)]
+    assert len(fresh) > 0 and (fresh.h - fresh.s).abs().max() < 1e-4
+
+
+def check_score_ema(sel, momentum):
+    """Upstream's rule: h = s at first sight, then h <- m h + (1 - m) s after every use."""
+    checked = 0
+    for _, g in sel.sort_values("step").groupby("uid"):
+        h, s = g.h.values, g.s.values
+        assert abs(h[0] - s[0]) < 1e-4
+        for k in range(1, len(g)):
+            assert abs(h[k] - (momentum * h[k - 1] + (1 - momentum) * s[k - 1])) < 1e-3
+            checked += 1
+    assert checked > 100
 
 
 @pytest.mark.slow

@@ -136,7 +136,7 @@ class Selector:
         noisy_G, label_G = g[:, 3] > 0.5, g[:, 4].long()
 
         # 3. historical correlation from the store
-        if self.history in ("memory", "snapshot", "score_ema") and not warm:
+        if self.history in ("memory", "snapshot") and not warm or self.history == "score_ema":
             h_G, known_G = self.store.read(uid_G)
             if self.history == "snapshot":
                 mine = slice(rank * B, (rank + 1) * B)
@@ -169,11 +169,9 @@ class Selector:
         # 5. store writes (owners only, no traffic)
         if self.history == "memory" and warm:
             self.store.write(uid_G, s_G)
-        elif self.history == "score_ema":
-            h_prev, known_prev = self.store.read(uid_G) if warm else (h_G, torch.ones_like(kept_G))
-            h_prev = torch.where(known_prev, h_prev, s_G)
+        elif self.history == "score_ema":  # upstream: h <- m h + (1 - m) s after use; h = s at first sight
             mom = self.sc.score_momentum
-            self.store.write(uid_G, mom * h_prev + (1 - mom) * s_G)
+            self.store.write(uid_G, mom * h_G + (1 - mom) * s_G)
         _sync(dev)
         t2 = time.perf_counter()
 
@@ -206,7 +204,7 @@ class Selector:
             self.log_rows.append({
                 "step": np.full(W * B, step, dtype=np.int64), "epoch": np.full(W * B, epoch, dtype=np.int32),
                 "uid": uid_G.numpy(), "s": s_G.numpy(), "h": h_G.numpy(), "d": key_G.float().numpy(),
-                "kept": kept_G.numpy(), "noisy": noisy_G.numpy(),
+                "kept": kept_G.numpy(), "noisy": noisy_G.numpy(), "warmup": np.full(W * B, warm),
             })
         return train, stats
 
