@@ -15,7 +15,7 @@ kind "download" adds:
   input          {"path", "format", "rows", "kept", "fingerprint"}
   success_rate   total / input rows (rows skipped before download count as failures)
   failures       {category: count}: http_404, timeout, not_an_image, connection_error, ...,
-                 plus empty_caption / missing_url for rows dropped before download
+                 plus empty_caption / missing_url / unsupported_url_scheme for rows dropped before download
   errors         the raw img2dataset error messages with counts (the 20 most frequent)
   missing_shards shard names that did not finish (re-run the same command to finish them)
   params         the img2dataset settings used; duration_s

@@ -9,6 +9,7 @@ same list, which is what lets incremental mode resume without re-numbering sampl
 
 Rows that cannot become a training pair are dropped here, before download, and counted:
   - `missing_url`: null or blank url;
+  - `unsupported_url_scheme`: anything but http(s):// (file:// would copy local files);
   - `empty_caption`: null or blank caption (an image with no text teaches a contrastive
     model nothing and would be a silent noisy pair). Their uids are simply never used.
 """
@@ -250,8 +251,13 @@ def _clean_part(df, path, uid, url_col, caption_col, extra_cols, skipped) -> pd.
     for c in extra_cols:
         out[c] = df[c]
     no_url = out[url_col].isna() | (out[url_col] == "")
+    # only http(s): urllib would also open file:// (and ftp://) urls, copying local files
+    # into shards that get shared; such rows are dropped and counted, never fetched
+    bad_scheme = ~no_url & ~out[url_col].str.lower().str.match(r"^https?://").fillna(False).astype(bool)
+    no_url = no_url | bad_scheme
     no_caption = ~no_url & (out[caption_col].isna() | (out[caption_col].str.strip() == ""))
-    for reason, mask in (("missing_url", no_url), ("empty_caption", no_caption)):
+    for reason, mask in (("missing_url", no_url & ~bad_scheme), ("unsupported_url_scheme", bad_scheme),
+                         ("empty_caption", no_caption)):
         if mask.any():
             skipped[reason] = skipped.get(reason, 0) + int(mask.sum())
     out = out[~(no_url | no_caption)].reset_index(drop=True)

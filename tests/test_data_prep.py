@@ -482,3 +482,15 @@ def test_mosaics_are_four_distinct_items_named_in_reading_order():
             assert found, (caption, row)
             pos = min(found) + 1
     assert len(set(captions)) > 0.95 * len(captions)  # near-unique, like web captions
+
+
+def test_only_http_urls_are_fetched(tmp_path):
+    """file:// (or any non-http) urls would copy local files into shards: dropped and counted."""
+    p = tmp_path / "list.parquet"
+    pd.DataFrame({"url": ["file:///etc/passwd", "ftp://h/x.jpg", "HTTPS://h/ok.jpg", "../../x.jpg"],
+                  "caption": ["a", "b", "c", "d"]}).to_parquet(p)
+    prepared = prepare_url_list(p, tmp_path / "parts")
+    assert prepared.kept == 1
+    assert prepared.skipped == {"unsupported_url_scheme": 3}
+    kept = pd.concat(pd.read_parquet(q) for q in (tmp_path / "parts").glob("*.parquet"))
+    assert kept["url"].tolist() == ["HTTPS://h/ok.jpg"]
