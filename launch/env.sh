@@ -99,7 +99,9 @@ dissect_die() {
 # The exact command, shell-quoted so it can be pasted back into a shell.
 dissect_print_cmd() {
     local out="+" a
-    for a in "$@"; do out+=" $(printf '%q' "$a")"; done
+    for a in "$@"; do
+        if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=" $a"; else out+=" $(printf '%q' "$a")"; fi
+    done
     echo "$out"
 }
 
@@ -112,8 +114,15 @@ dissect_print_env() {
     echo "$out"
 }
 
-# Number of local GPUs (0 without nvidia-smi or without GPUs).
+# Number of local GPUs this job may use: the entries of CUDA_VISIBLE_DEVICES when set (SLURM and
+# shared machines restrict it; nvidia-smi ignores it), else what `nvidia-smi -L` lists, else 0.
 dissect_count_gpus() {
+    if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "$CUDA_VISIBLE_DEVICES" != -1 ]]; then
+        local ids
+        IFS=, read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
+        echo "${#ids[@]}"
+        return
+    fi
     command -v nvidia-smi >/dev/null 2>&1 || { echo 0; return; }
     nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
 }

@@ -139,6 +139,8 @@ if [[ "$mode" == deepspeed ]]; then
     elif [[ ${#hosts[@]} -eq 1 ]] && is_this_machine "${hosts[0]}"; then
         cmd+=(--no_ssh_check)  # one host, this one: the launcher runs locally, ssh is not needed
     else
+        # one host that is not this one: the launcher would run it here unless forced over ssh
+        [[ ${#hosts[@]} -gt 1 ]] || cmd+=(--force_multi)
         # the launcher's ssh/pdsh command line carries only NCCL*/PYTHON* variables; a
         # DS_ENV_FILE (read here, on the launching host) carries the rest of launch/env.sh
         if [[ -z "${DS_ENV_FILE:-}" ]]; then

@@ -3,7 +3,8 @@
 #
 #   launch/single_node.sh [--dry-run] CONFIG [key=value ...]
 #
-#   NPROC=N        processes (default: one per GPU that `nvidia-smi -L` lists; 2 without GPUs)
+#   NPROC=N        processes (default: one per GPU in CUDA_VISIBLE_DEVICES or `nvidia-smi -L`;
+#                  2 without GPUs)
 #   LAUNCHER=torchrun (default) | deepspeed
 #   MASTER_PORT=P  deepspeed launcher only (default: a free port); torchrun --standalone picks one
 #
@@ -38,8 +39,16 @@ case "${LAUNCHER:-torchrun}" in
         ;;
     deepspeed)
         port="${MASTER_PORT:-$(dissect_free_port)}"
-        cmd=("$DEEPSPEED" --num_gpus "$nproc" --master_addr 127.0.0.1 --master_port "$port"
-            --module pipeline.train --config "$config" "$@")
+        cmd=("$DEEPSPEED")
+        if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "$CUDA_VISIBLE_DEVICES" != -1 ]]; then
+            # --num_gpus N would make the launcher drop CUDA_VISIBLE_DEVICES and take GPUs 0..N-1
+            IFS=, read -r -a gpu_ids <<<"$CUDA_VISIBLE_DEVICES"
+            gpu_ids=("${gpu_ids[@]:0:$nproc}")
+            cmd+=(--include "localhost:$(IFS=,; echo "${gpu_ids[*]}")")
+        else
+            cmd+=(--num_gpus "$nproc")
+        fi
+        cmd+=(--master_addr 127.0.0.1 --master_port "$port" --module pipeline.train --config "$config" "$@")
         ;;
     *) dissect_die "LAUNCHER must be torchrun or deepspeed, got '$LAUNCHER'" ;;
 esac

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -193,6 +194,7 @@ def test_two_nodes_torchrun_static_rendezvous(shards, tmp_path):
         assert (ck / "state_rank0.pt").is_file() and (ck / "state_rank1.pt").is_file()
     for name in ("config.yaml", "ds_config.json", "model.pt", "eval.json"):
         assert (run_dir / name).is_file(), name
+    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1  # TensorBoard: rank 0 only
     assert "eval/zeroshot_top1" in json.loads((run_dir / "eval.json").read_text())
 
 
@@ -460,6 +462,22 @@ def test_single_node_runs_exactly_the_printed_command(launcher, tmp_path, record
 
 
 @pytest.mark.timeout(30)
+def test_single_node_counts_visible_gpus(recorder):
+    """CUDA_VISIBLE_DEVICES decides the rank count, and the deepspeed launcher gets those GPUs
+    (with --num_gpus it would drop the variable and take GPUs 0..N-1)."""
+    fake, rec = recorder
+    for launcher, expected in (("torchrun", ["--nproc-per-node", "3"]), ("deepspeed", ["--include", "localhost:1,4,6"])):
+        env = launch_env(TORCHRUN=str(fake), DEEPSPEED=str(fake), DISSECT_CHECK="0", LAUNCHER=launcher,
+                         CUDA_VISIBLE_DEVICES="1,4,6")
+        p = run([LAUNCH / "single_node.sh", "--dry-run", CONFIG], 20, env)
+        assert p.returncode == 0, p.stderr
+        cmd = printed_cmd(p.stdout)
+        i = cmd.index(expected[0])
+        assert cmd[i:i + 2] == expected
+    assert not rec.exists()
+
+
+@pytest.mark.timeout(30)
 def test_multi_node_dry_runs(tmp_path, recorder):
     fake, rec = recorder
     env = launch_env(DISSECT_CHECK="0", DISSECT_RDZV_TIMEOUT_S="120", TORCHRUN=str(fake), DEEPSPEED=str(fake),
@@ -498,6 +516,15 @@ def test_multi_node_dry_runs(tmp_path, recorder):
     env_file.unlink()
     assert exported["GLOO_SOCKET_IFNAME"] == "eth7" and exported["OMP_NUM_THREADS"] == "1"
     assert exported["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+
+    # one remote host: forced over ssh (the launcher would otherwise run a 1-host hostfile here)
+    one = tmp_path / "one-host"
+    one.write_text("gpu-node-7 slots=4\n")
+    p = run([mn, "--dry-run", "deepspeed", "--hostfile", one, CONFIG], 20, env)
+    assert p.returncode == 0, p.stderr
+    cmd = printed_cmd(p.stdout)
+    assert "--force_multi" in cmd and cmd[cmd.index("--master_addr") + 1] == "gpu-node-7"
+    Path(cmd[1].split("=", 1)[1]).unlink()
 
     # deepspeed without ssh: the same command on each host with its --node-rank
     p = run([mn, "--dry-run", "deepspeed", "--hostfile", hostfile, "--no-ssh", "--node-rank", "1",
@@ -555,3 +582,49 @@ esac
     assert "requeueing job 4242" in out and rc != 0
     cmd = printed_cmd(out)
     assert "checkpoint.resume=latest" in cmd and "--kill-on-bad-exit=1" in cmd
+
+
+# ---------------------------------------------------------------------------------------------
+# launch/README.md: every launch command in it runs as a dry run
+
+
+def readme_commands() -> list[str]:
+    text = (LAUNCH / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    return [ln for block in blocks for ln in block.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+@pytest.mark.timeout(60)
+def test_readme_commands_dry_run(tmp_path):
+    text = (LAUNCH / "README.md").read_text()
+    hosts = re.search(r"```text\n# hosts\n(.*?)```", text, flags=re.S).group(1)
+    (tmp_path / "hosts").write_text(hosts)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text((ROOT / "configs" / "demo.yaml").read_text())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_fake(bin_dir / "scontrol", "echo node-a\n")
+    commands = readme_commands()
+    assert len(commands) >= 10
+    for line in commands:
+        words = shlex.split(line, comments=True)
+        env = launch_env(DISSECT_CHECK="0", TMPDIR=str(tmp_path), PATH=f"{bin_dir}:{os.environ['PATH']}")
+        while "=" in words[0] and not words[0].startswith("-"):
+            k, v = words.pop(0).split("=", 1)
+            env[k] = v
+        if words[0] == "sbatch":
+            opts = dict(w[2:].split("=", 1) for w in words[1:words.index("launch/slurm.sbatch")])
+            env.update(DRY_RUN="1", SLURM_JOB_ID="1", SLURM_SUBMIT_DIR=str(tmp_path),
+                       SLURM_JOB_NUM_NODES=opts.get("nodes", "2"), SLURM_GPUS_PER_NODE=opts.get("gpus-per-node", "8"))
+            args = words[words.index("launch/slurm.sbatch") + 1:]
+            cmd = ["bash", LAUNCH / "slurm.sbatch", *args]
+        else:
+            assert words[0].startswith("launch/"), line
+            args = words[1:]
+            cmd = [ROOT / words[0], "--dry-run", *args]
+        p = run(cmd, 20, env, cwd=tmp_path)
+        assert p.returncode == 0, f"{line}\n{p.stderr}"
+        printed = printed_cmd(p.stdout)
+        config_at = printed.index("--config")
+        user = args[args.index("configs/demo.yaml"):]
+        assert [x for x in printed[config_at + 1:] if x != "checkpoint.resume=latest"] == user, line
