@@ -126,6 +126,11 @@ if [[ "$mode" == deepspeed ]]; then
     else
         [[ -z "$node_rank" ]] || dissect_die "--node-rank only goes with --no-ssh"
     fi
+    if [[ -z "$master_addr" && ${#hosts[@]} -gt 1 ]]; then
+        case "${hosts[0]}" in
+            localhost | 127.* | ::1) dissect_die "the first host '${hosts[0]}' is a different machine on each host: give --master-addr (its address as the others see it)" ;;
+        esac
+    fi
     master_addr="${master_addr:-${hosts[0]}}"
     master_port="${master_port:-29500}"
     local_slots="${slots[${node_rank:-0}]}"

@@ -554,6 +554,21 @@ def test_multi_node_usage_errors(args, expected, recorder):
 
 
 @pytest.mark.timeout(30)
+def test_localhost_first_of_several_hosts_needs_master_addr(tmp_path, recorder):
+    fake, rec = recorder
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=8\nnode-b slots=8\n")
+    env = launch_env(DEEPSPEED=str(fake), DISSECT_CHECK="0")
+    p = run([LAUNCH / "multi_node.sh", "deepspeed", "--hostfile", hostfile, CONFIG], 20, env)
+    assert p.returncode == 2 and "give --master-addr" in p.stderr, p.stderr
+    p = run([LAUNCH / "multi_node.sh", "--dry-run", "deepspeed", "--hostfile", hostfile, "--master-addr", "10.0.0.1",
+             CONFIG], 20, env)
+    assert p.returncode == 0, p.stderr
+    Path(printed_cmd(p.stdout)[1].split("=", 1)[1]).unlink()
+    assert not rec.exists()
+
+
+@pytest.mark.timeout(30)
 def test_slurm_requeues_on_usr1(tmp_path):
     """The time-limit warning (SIGUSR1 to the batch shell) triggers `scontrol requeue JOBID`."""
     bin_dir = tmp_path / "bin"
