@@ -52,14 +52,25 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
+    _default_timeout_for_new_groups(timeout)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def _default_timeout_for_new_groups(timeout: datetime.timedelta) -> None:
+    """Make ``timeout`` the default of every process group created from now on.
+
+    DeepSpeed builds its own groups (ZeRO's data-parallel group among them) with
+    ``dist.new_group(ranks)`` and no timeout, which takes torch's module default (30 min for
+    gloo, 10 min for NCCL), not the world group's: a hung rank would hold its peers in a ZeRO
+    all-gather that long. ``new_group`` reads these two globals (``_get_default_timeout``).
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
 
 
 def current() -> DistInfo:
