@@ -599,18 +599,25 @@ esac
 
 
 # ---------------------------------------------------------------------------------------------
-# launch/README.md: every launch command in it runs as a dry run
+# README.md, "Launching at scale": every launch command in it runs as a dry run
+
+
+def launch_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Launching at scale")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
 
 
 def readme_commands() -> list[str]:
-    text = (LAUNCH / "README.md").read_text()
+    text = launch_section()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     return [ln for block in blocks for ln in block.splitlines() if ln.strip() and not ln.startswith("#")]
 
 
 @pytest.mark.timeout(60)
 def test_readme_commands_dry_run(tmp_path):
-    text = (LAUNCH / "README.md").read_text()
+    text = launch_section()
     hosts = re.search(r"```text\n# hosts\n(.*?)```", text, flags=re.S).group(1)
     (tmp_path / "hosts").write_text(hosts)
     (tmp_path / "configs").mkdir()
