@@ -7,9 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
-import pipeline  # noqa: E402,F401  (torchvision compat shim before anything imports open_clip)
-
 import pytest  # noqa: E402
+
+import pipeline  # noqa: E402,F401  (torchvision compat shim before anything imports open_clip)
 
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
