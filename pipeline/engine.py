@@ -148,31 +148,39 @@ class Engine:
         """Run the module with other weights (one tensor per partition), then restore.
 
         Under ZeRO-3 the swap touches only local partitions; the usual forward hooks gather them,
-        so a historical forward costs what a normal no-grad forward costs.
+        so a historical forward costs what a normal no-grad forward costs. The values are copied
+        in place (saved, overwritten, restored) rather than re-pointed: ZeRO-3 partitions are
+        views into flat buffers, and after an optimizer step some gathers read those buffers,
+        not the parameter's ``ds_tensor`` object.
         """
-        params = list(self.module.parameters())
-        assert len(params) == len(shards)
-        saved = []
-        for p, s in zip(params, shards):
-            target = p.ds_tensor if hasattr(p, "ds_tensor") else p
-            saved.append(target.data)
-            target.data = s.to(target.dtype)
+        targets = self.partitions()
+        assert len(targets) == len(shards)
+        with torch.no_grad():
+            saved = [t.clone() for t in targets]
+            for t, s in zip(targets, shards):
+                t.copy_(s)
         try:
             yield
         finally:
-            for p, old in zip(params, saved):
-                target = p.ds_tensor if hasattr(p, "ds_tensor") else p
-                target.data = old
+            with torch.no_grad():
+                for t, old in zip(self.partitions(), saved):
+                    t.copy_(old)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights on CPU in fp32 (gathered from ZeRO-3 partitions)."""
-        module = self.module
+        """The whole model's weights on CPU in fp32; a collective under ZeRO-3 (all ranks call).
+
+        Under ZeRO-3 every parameter is rebuilt from the ranks' local partitions with a plain
+        all-gather. DeepSpeed's GatheredParameters is not used: on CPU/gloo (0.19.7) two
+        consecutive gathers of the large token embedding were seen to return different values.
+        """
+        from pipeline.collectives import all_gather_cat
+
+        state = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
         if self.zero_stage == 3:
-            ctx = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-        else:
-            ctx = contextlib.nullcontext()
-        with ctx:
-            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+            for name, p in self.module.named_parameters():
+                flat = all_gather_cat(p.ds_tensor.detach().float().flatten())
+                state[name] = flat[: p.ds_numel].view(p.ds_shape).cpu().clone()
+        return state
 
 
 def write_ds_config(engine: Engine, path: str | Path) -> None:
