@@ -142,13 +142,17 @@ def write_report(results: list[dict], metric: str, out: Path, header: str) -> st
     base = next((r for r in results if r["method"] == "none"), None)
     target = base["best"] if base else float("nan")
     t_none = time_to_reach(base["_evals"], target) if base else float("nan")
-    cols = ["method", "final", "best", "wall_s", "trained_samples", "time_to_none_best_s", "speedup_vs_none",
+    cols = ["method", "final", "best", "wall_s", "trained_samples", "none_at_same_wall_s",
+            "time_to_none_best_s", "speedup_vs_none",
             "noise_auc", "kept_noisy_frac", "kept_label_entropy", "step_cost_vs_none", "cost_model"]
     table = []
     for r in results:
         t = time_to_reach(r["_evals"], target)
         row = dict(r)
         row["time_to_none_best_s"] = t
+        # equal compute: the best `none` had reached by the time this method finished
+        row["none_at_same_wall_s"] = max((v for tt, _, v in base["_evals"] if tt <= r["wall_s"]),
+                                         default=float("nan")) if base else float("nan")
         row["speedup_vs_none"] = t_none / t if t and not math.isnan(t) else float("nan")
         row["step_cost_vs_none"] = (r["step_s_per_loaded"] / base["step_s_per_loaded"]) if base else float("nan")
         table.append(row)
@@ -169,7 +173,8 @@ def write_report(results: list[dict], metric: str, out: Path, header: str) -> st
         lines.append("| " + " | ".join(fmt(row[c], c) for c in cols) + " |")
     lines += ["", f"Primary metric: `{metric}` (final = last evaluation, best = best evaluation). "
               "time_to_none_best_s: wall seconds until the method first reaches the best value `none` "
-              "reached; speedup_vs_none = none's time to that value / the method's. noise_auc, "
+              "reached; speedup_vs_none = none's time to that value / the method's; none_at_same_wall_s: "
+              "the best value `none` had reached by the time the method finished (equal wall time). noise_auc, "
               "kept_noisy_frac and kept_label_entropy are averaged over steps after selection warm-up. "
               "step_cost_vs_none: measured step time per loaded sample relative to `none`; cost_model: "
               "DESIGN.md's prediction (forward = 1, backward = 2)."]
@@ -185,14 +190,15 @@ def plot(results: list[dict], metric: str, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for r in results:
+    for i, r in enumerate(results):
+        color = f"C{i % 10}"  # one colour per method in every panel
         ev = r["_evals"]
         if ev:
-            axes[0].plot([e[0] for e in ev], [e[2] for e in ev], marker=".", label=r["method"])
-            axes[1].plot([e[1] for e in ev], [e[2] for e in ev], marker=".", label=r["method"])
+            axes[0].plot([e[0] for e in ev], [e[2] for e in ev], marker=".", color=color, label=r["method"])
+            axes[1].plot([e[1] for e in ev], [e[2] for e in ev], marker=".", color=color, label=r["method"])
         nz = [(s, v) for s, v in r["_noisy"] if v is not None]
         if nz:
-            axes[2].plot([s for s, _ in nz], [v for _, v in nz], label=r["method"])
+            axes[2].plot([s for s, _ in nz], [v for _, v in nz], color=color, label=r["method"])
     axes[0].set(xlabel="wall time (s)", ylabel=metric, title=f"{metric} vs wall time")
     axes[1].set(xlabel="trained samples", ylabel=metric, title=f"{metric} vs trained samples")
     axes[2].set(xlabel="step", ylabel="kept noisy fraction", title="noisy fraction of trained samples")

@@ -49,14 +49,17 @@ def test_single_process_learns_and_writes_run_dir(shards, tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_two_ranks_every_zero_stage_with_selection(shards, tmp_path, stage):
+@pytest.mark.parametrize("stage,history,chunk", [(0, "memory", 512), (1, "snapshot", 512), (2, "score_ema", 512),
+                                                 (3, "ema", 512), (3, "snapshot", 8)])
+def test_two_ranks_every_zero_stage_with_selection(shards, tmp_path, stage, history, chunk):
+    # (3, snapshot, chunk 8): ranks have different numbers of samples to score with the snapshot,
+    # so they must pad their chunked forwards to run ZeRO-3's gathers in lockstep
     run = tmp_path / "run"
-    history = {0: "memory", 1: "snapshot", 2: "score_ema", 3: "ema"}[stage]
     run_train([f"data.train={shards / 'noisy'}", f"data.val={shards / 'val'}", f"run.dir={run}",
                f"deepspeed.zero_stage={stage}", "selection.method=dissect", f"selection.history={history}",
                "selection.ratio=0.5", "data.batch_size=16", "selection.warmup_steps=4",
-               "optim.lr=2e-3", "optim.epochs=3", "log.every_steps=2"], nproc=2)
+               f"selection.score_chunk={chunk}", "optim.lr=2e-3", "optim.epochs=3", "log.every_steps=2"],
+              nproc=2)
     rows = train_rows(run)
     assert rows[-1]["step"] == 3 * 512 // (2 * 32)
     assert rows[-1]["samples_trained"] * 2 == rows[-1]["samples_seen"]

@@ -63,11 +63,12 @@ class Selector:
         return nullcontext()
 
     @torch.no_grad()
-    def _features(self, images: torch.Tensor, tokens: torch.Tensor, n_chunks: int | None = None):
+    def _features(self, images: torch.Tensor, tokens: torch.Tensor, n_chunks: int | None = None,
+                  pad: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Chunked no-grad forward -> (img [N, D] fp32, txt [N, D] fp32, logit_scale).
 
         ``n_chunks`` forces the number of forwards (ZeRO-3 needs every rank to run the same
-        count); chunks beyond the data run on one dummy row whose output is dropped.
+        count); chunks beyond the data run on ``pad`` (one image, one token row) and are dropped.
         """
         N, c = images.shape[0], self.sc.score_chunk
         n_chunks = n_chunks if n_chunks is not None else max(1, (N + c - 1) // c)
@@ -76,7 +77,7 @@ class Selector:
             for i in range(n_chunks):
                 lo, hi = i * c, min((i + 1) * c, N)
                 if lo >= N:  # padding forward, for collective lockstep only
-                    self.engine.forward(images[:1] if N else self._dummy[0], tokens[:1] if N else self._dummy[1])
+                    self.engine.forward(*pad)
                     continue
                 f_img, f_txt, scale = self.engine.forward(images[lo:hi], tokens[lo:hi])
                 imgs.append(f_img.float())
@@ -93,9 +94,9 @@ class Selector:
             return torch.empty(0)
         n_chunks = (n_max + self.sc.score_chunk - 1) // self.sc.score_chunk
         dev_rows = rows.to(batch["images"].device)
-        self._dummy = (batch["images"][:1], batch["tokens"][:1])
+        pad = (batch["images"][:1], batch["tokens"][:1])
         with self.weights.weights():
-            img, txt, _ = self._features(batch["images"][dev_rows], batch["tokens"][dev_rows], n_chunks)
+            img, txt, _ = self._features(batch["images"][dev_rows], batch["tokens"][dev_rows], n_chunks, pad)
         return correlation(img, txt).cpu()
 
     # --- the step ---------------------------------------------------------------------------------
