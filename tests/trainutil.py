@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-from distutil import free_port
+from procutil import ROOT, run_cmd, torchrun
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "tiny-cpu.yaml")
 
 
 def run_train(overrides: list[str], nproc: int = 1, timeout: float = 240, check: bool = True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "pipeline.train", "--config", CONFIG, *overrides]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "-m", "pipeline.train", "--config", CONFIG, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    """On timeout the whole process tree is killed (torchrun's ranks too) and TimeoutExpired raised."""
+    launcher = [sys.executable] if nproc == 1 else [*torchrun(nproc)]
+    cmd = [*launcher, "-m", "pipeline.train", "--config", CONFIG, *overrides]
+    proc = run_cmd(cmd, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
