@@ -99,10 +99,17 @@ class Engine:
     def module(self) -> torch.nn.Module:
         return self.ds.module
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        """-> (image_feats [N, D], text_feats [N, D], logit_scale []), features L2-normalised."""
-        images = images.to(self.device, self.dtype, non_blocking=True)
-        tokens = tokens.to(self.device, non_blocking=True)
+    def forward(self, images: torch.Tensor | None, tokens: torch.Tensor | None):
+        """-> (image_feats [N, D], text_feats [N, D], logit_scale []), features L2-normalised.
+
+        Either input may be None (open_clip then returns None for that side), e.g. text-only
+        batches when building a zero-shot classifier; under ZeRO-3 this still goes through the
+        root module, so its own parameters (text_projection, logit_scale) are gathered.
+        """
+        if images is not None:
+            images = images.to(self.device, self.dtype, non_blocking=True)
+        if tokens is not None:
+            tokens = tokens.to(self.device, non_blocking=True)
         return self.ds(images, tokens)
 
     def backward_step(self, loss: torch.Tensor) -> None:

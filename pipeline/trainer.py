@@ -353,15 +353,13 @@ class Trainer:
         self.engine.train(False)
 
         def encode(images, tokens):
-            img, txt, _ = self.engine.forward(images, tokens) if images is not None else \
-                self.engine.ds(None, tokens.to(self.engine.device))
+            img, txt, _ = self.engine.forward(images, tokens)
             return img, txt
 
         metrics = evaluate_sets(encode, self.bundle.tokenizer, self.bundle.preprocess_val, cfg.data.val,
                                 cfg.data.val_retrieval, cfg.data.val_batch_size, cfg.data.max_val_samples,
                                 device=self.engine.device)
         self.engine.train(True)
-        metrics = {k: v for k, v in metrics.items()}
         self.sink.log({"epoch": self.state.epoch + self.state.step_in_epoch / self.steps_per_epoch,
                        "samples_seen": self.state.samples_seen,
                        "samples_trained": self.state.samples_trained,
