@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from pipeline.dist import free_port
+
 
 def _rank(rank, world, port, sizes, reps, img_elems, ctx, q):
     import torch.distributed as dist
@@ -89,11 +91,7 @@ def main(argv=None) -> int:
     ctx = mp.get_context("spawn")
     all_rows = []
     for world in [int(w) for w in args.worlds.split(",")]:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         q = ctx.Queue()
         procs = [ctx.Process(target=_rank, args=(r, world, port, sizes, args.reps, args.image_elems,
                                                   args.context, q)) for r in range(world)]

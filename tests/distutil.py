@@ -11,18 +11,13 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-import socket
 import tempfile
 import traceback
 from pathlib import Path
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pipeline.dist import free_port  # noqa: F401  (re-exported for the tests)
 
 
 def _entry(rank, world, port, fn, args, out_dir):

@@ -18,7 +18,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,18 +27,14 @@ import psutil
 import pytest
 from shardutil import write_digit_shards
 
+from pipeline.dist import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
 CONFIG = str(ROOT / "configs" / "tiny-cpu.yaml")
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # launch/env.sh settings and scheduler variables that must not leak in from the caller's shell
