@@ -1,3 +1,15 @@
-"""CLIP pretraining on DeepSpeed with DISSect online sample selection."""
+"""CLIP pretraining on DeepSpeed with DISSect online sample selection.
 
-from pipeline import _compat  # noqa: F401  (must run before torchvision/open_clip imports)
+Importing the package is cheap (no torch): entry points parse and validate their arguments
+before the heavy imports, so ``--help`` and a config error answer at once. It does two things:
+
+- sets the process environment defaults in one place (`pipeline._env`), before any library
+  that reads them is imported;
+- arms the torchvision compatibility step (`pipeline._compat`), which runs only when
+  torchvision is first imported (directly, or through open_clip).
+"""
+
+from pipeline import _compat, _env
+
+_env.set_defaults()
+_compat.install()

@@ -7,12 +7,18 @@ never registered, and `torchvision/_meta_registrations.py` fails at import with
 
 open_clip needs only torchvision's transforms, which are pure Python. So, *only* on that exact
 error, we declare the missing operator schemas (without any kernel: calling one still fails
-loudly) and import again. Wherever torchvision imports cleanly this module does nothing.
-Import it before anything that imports torchvision or open_clip (pipeline/__init__.py does).
+loudly) and import again. Wherever torchvision imports cleanly this does nothing.
+
+When: `import pipeline` calls `install()`, which puts a one-shot finder in front of the import
+system. Importing `pipeline` stays cheap (no torch), and the first `import torchvision`
+anywhere afterwards (open_clip's, or a user's) goes through `ensure_torchvision()`. Where
+torchvision is already imported, `install()` runs the check at once instead.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import re
 import sys
 
@@ -54,4 +60,35 @@ def ensure_torchvision() -> None:
     raise RuntimeError(f"could not make torchvision importable: {first_error}")
 
 
-ensure_torchvision()
+class _FirstImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Answers the first `import torchvision` by running `ensure_torchvision()`.
+
+    ``create_module`` does the real import (this finder has left ``sys.meta_path`` by then, so
+    the ordinary finders load the real package) and hands back the module it produced;
+    ``exec_module`` only restores that module's own spec, which the import system overwrote
+    with ours.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torchvision":
+            return None
+        return importlib.machinery.ModuleSpec(name, self)
+
+    def create_module(self, spec):
+        if self in sys.meta_path:  # one-shot; a probe (importlib.util.find_spec) leaves it armed
+            sys.meta_path.remove(self)
+        ensure_torchvision()
+        module = sys.modules["torchvision"]
+        self._real_spec = module.__spec__
+        return module
+
+    def exec_module(self, module):
+        module.__spec__ = self._real_spec
+
+
+def install() -> None:
+    if "torchvision" in sys.modules:
+        ensure_torchvision()
+        return
+    if not any(isinstance(f, _FirstImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _FirstImport())

@@ -32,6 +32,12 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(tag: str) -> int | None:
+    """The step a tag names (``step_00000100`` -> 100); None for a name of another shape."""
+    head, _, digits = tag.partition("_")
+    return int(digits) if head == "step" and digits.isdigit() else None
+
+
 def rng_state() -> dict:
     return {
         "python": random.getstate(),

@@ -174,10 +174,13 @@ class EvalConfig:
 class LogConfig:
     every_steps: int = 10
     tensorboard: bool = True
-    progress: bool = True  # a progress bar on rank 0 when attached to a terminal
+    progress: bool = True  # rank 0: a progress bar on a terminal, else a line every progress_every_s
+    progress_every_s: float = 30.0  # seconds between progress lines when not on a terminal
 
     def __post_init__(self):
         _check(self.every_steps > 0, "log.every_steps", "a positive integer", self.every_steps)
+        _check(self.progress_every_s > 0, "log.progress_every_s", "a positive number of seconds",
+               self.progress_every_s)
 
 
 @dataclass

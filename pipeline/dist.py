@@ -88,6 +88,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj):
+    """Rank 0's ``obj`` (any picklable value) on every rank; ``obj`` of other ranks is ignored."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -5,14 +5,21 @@ AdamW with open_clip's no-decay groups, warmup + cosine), wraps an open_clip mod
 what the trainer and the selection need: a forward returning normalised features, a train step,
 checkpoint save/load, and per-rank views of the parameters ("partitions") that a historical
 model (snapshot / EMA) mirrors without gathering full weights under ZeRO-3.
+
+Also here, because they are DeepSpeed too: `build_ops` (the JIT-compiled CPU comm op, built
+once at set-up and guarded against stale build locks) and `read_zero_checkpoint` (the fp32
+weights of a ZeRO checkpoint without an engine or a process group, for `pipeline.export`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import io
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +32,17 @@ import deepspeed  # noqa: E402
 from deepspeed.utils import logger as _ds_logger  # noqa: E402
 
 _ds_logger.setLevel(logging.WARNING)
+
+
+class _DropEarlyLrWarning(logging.Filter):
+    """DeepSpeed reads the lr once while building the engine, before the scheduler's first step,
+    and warns about its own read ("Attempting to get learning rate ... before it has started")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "before it has started" not in record.getMessage()
+
+
+_ds_logger.addFilter(_DropEarlyLrWarning())
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -81,16 +99,89 @@ def ds_config(cfg: Config, total_steps: int) -> dict:
     return conf
 
 
+# --- JIT-compiled ops ----------------------------------------------------------------------------
+# On CPU, DeepSpeed's comm backend loads a shared-memory op ("deepspeed_shm_comm") that torch
+# JIT-compiles into TORCH_EXTENSIONS_DIR the first time (about a minute on 2 cores). torch
+# guards that build with a `lock` file it creates, holds open while compiling, and deletes after;
+# a build killed midway leaves the file behind and every later start waits on it forever.
+# `build_ops` serialises our builds with an flock (released by the kernel however its holder
+# dies), clears a `lock` that no live process holds open, then builds or loads the op.
+
+SHM_OP = "ShareMemCommBuilder"
+
+
+def _held_open(path: Path) -> bool:
+    """Whether any live process has ``path`` open (torch's builder keeps its lock file open)."""
+    target = os.path.realpath(path)
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            for fd in fd_dir.iterdir():
+                if os.readlink(fd) == target:
+                    return True
+        except OSError:  # the process ended, or is not ours to look at
+            continue
+    return False
+
+
+def clear_stale_locks(ext_dir: Path) -> list[Path]:
+    """Delete build locks under ``ext_dir`` that no live build holds; returns what was removed."""
+    removed = []
+    for lock in ext_dir.glob("*/lock"):
+        if not _held_open(lock):
+            lock.unlink(missing_ok=True)
+            removed.append(lock)
+            print(f"dissect: warning: removed a stale torch extensions build lock {lock} "
+                  "(left by a build that was killed)", file=sys.stderr, flush=True)
+    return removed
+
+
+def locked_build(ext_dir: Path, name: str, load, announce: bool = True):
+    """Run ``load()`` (build or load op ``name``) holding the cache's flock; see above."""
+    ext_dir.mkdir(parents=True, exist_ok=True)
+    with open(ext_dir / ".dissect-build.flock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # another of our processes building: wait for it
+        clear_stale_locks(ext_dir)
+        if announce and not any((ext_dir / name).glob("*.so")):
+            print(f"building DeepSpeed's CPU comm op once, about a minute (cache: {ext_dir})",
+                  file=sys.stderr, flush=True)
+        return load()
+
+
+def build_ops() -> None:
+    """Build (or load) what DeepSpeed JIT-compiles for this machine; a no-op off CPU.
+
+    `make setup` calls it once, outside any timeout; every training start calls it again before
+    DeepSpeed initialises (then it only loads the built op, and clears a stale lock if any).
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    builder = get_accelerator().create_op_builder(SHM_OP)
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    from torch.utils.cpp_extension import _get_build_directory
+
+    ext_dir = Path(_get_build_directory(builder.name, verbose=False)).parent
+    with contextlib.redirect_stdout(io.StringIO()):  # the build's chatter; errors still raise
+        locked_build(ext_dir, builder.name, lambda: builder.load(verbose=False))
+
+
 class Engine:
     """A DeepSpeed engine around an open_clip model."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, total_steps: int):
+        build_ops()
         self.cfg = cfg
         self.ds_config = ds_config(cfg, total_steps)
         groups = param_groups(model, cfg.optim.weight_decay)
-        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=groups, config=self.ds_config
-        )
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            _ds_logger.setLevel(logging.ERROR)  # each warning once per job: rank 0 prints it
+        # stdout: DeepSpeed prints "... shm_comm_op built successfully" from every rank
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, model_parameters=groups, config=self.ds_config
+            )
         self.zero_stage = cfg.deepspeed.zero_stage
         self.dtype = DTYPES[cfg.deepspeed.precision]
         self.device = self.ds.device
@@ -188,6 +279,25 @@ class Engine:
                 flat = all_gather_cat(p.ds_tensor.detach().float().flatten())
                 state[name] = flat[: p.ds_numel].view(p.ds_shape).cpu().clone()
         return state
+
+
+def checkpoint_safe_types() -> list:
+    """DeepSpeed objects that its checkpoint files legitimately hold (plain data classes), for
+    ``torch.load(weights_only=True)`` vetting."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO 1-2 param -> flat offsets
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def read_zero_checkpoint(ckpt_path: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a ZeRO 1-3 checkpoint dir, stitched from every rank's optimizer partition
+    by DeepSpeed's zero_to_fp32: no engine, no process group, any world size."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout is the caller's
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_path.parent), tag=ckpt_path.name)
 
 
 def write_ds_config(engine: Engine, path: str | Path) -> None:

@@ -9,13 +9,14 @@ usual; every rank evaluates the same val set in lockstep) or a plain open_clip m
 Metric names: eval/zeroshot_top1, eval/zeroshot_top5, eval/i2t_r{1,5,10}, eval/t2i_r{1,5,10}
 (a second, retrieval-only set gets the prefix eval/ret_). Values are fractions in [0, 1].
 
-CLI:  dissect-eval --checkpoint model.pt --model tiny-vit --val data/fmnist/val [--val-retrieval DIR]
-      dissect-eval --run runs/demo           (the run's exported model.pt and its config's val sets)
+CLI:  dissect-eval --checkpoint EXPORT_DIR --val data/fmnist/val [--val-retrieval DIR]
+      dissect-eval --checkpoint model.pt --model tiny-vit --val data/fmnist/val
+      dissect-eval --run runs/demo           (the run's model.pt and its config's val sets)
+Prints one readable line; --out FILE writes the metrics as JSON.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Callable, Iterable
@@ -134,18 +135,23 @@ def evaluate_sets(encode, tokenizer, preprocess, val: str, val_retrieval: str = 
 # --- CLI -------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="dissect-eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", help="run directory (uses its model.pt and config's val sets)")
-    ap.add_argument("--checkpoint", help="open_clip state dict (from dissect-export)")
-    ap.add_argument("--model", help="open_clip model name (with --checkpoint)")
-    ap.add_argument("--val", default="", help="val shards (zero-shot if classnames.txt is beside them)")
-    ap.add_argument("--val-retrieval", default="", help="a retrieval-only val set")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--max-samples", type=int, default=0)
-    ap.add_argument("--out", help="write the metrics as JSON here")
-    args = ap.parse_args(argv)
+def describe(metrics: dict) -> str:
+    """One readable line: 'zero-shot top-1 0.512 top-5 0.931 | i2t R@1/5/10 ... | t2i ...'."""
+    parts = []
+    for prefix, what in (("eval/", ""), ("eval/ret_", "retrieval set: ")):
+        if prefix + "zeroshot_top1" in metrics:
+            parts.append(f"{what}zero-shot top-1 {metrics[prefix + 'zeroshot_top1']:.3f} "
+                         f"top-5 {metrics[prefix + 'zeroshot_top5']:.3f}")
+        for d in ("i2t", "t2i"):
+            if f"{prefix}{d}_r1" in metrics:
+                rs = "/".join(f"{metrics[f'{prefix}{d}_r{k}']:.3f}" for k in (1, 5, 10))
+                parts.append(f"{what}{d} R@1/5/10 {rs}")
+    n = metrics.get("eval/samples")
+    return " | ".join(parts) + (f" ({int(n)} samples)" if n else "")
 
+
+def run(args) -> int:
+    """dissect-eval after its arguments are parsed (pipeline.cli); see the module docstring."""
     from pipeline.config import ConfigError, load_config
     from pipeline.model import build_model
 
@@ -157,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             ckpt = ckpt or str(Path(args.run) / "model.pt")
             val = val or cfg.data.val
             val_ret = val_ret or cfg.data.val_retrieval
+        if ckpt and Path(ckpt).is_dir():  # a dissect-export folder: its config names the model
+            conf = Path(ckpt) / "open_clip_config.json"
+            if not conf.is_file():
+                raise ConfigError(f"{ckpt} is a folder without open_clip_config.json: not an export")
+            name, ckpt = name or f"local-dir:{ckpt}", str(Path(ckpt) / "open_clip_pytorch_model.bin")
         if not (name and ckpt):
             raise ConfigError("give --run RUN_DIR, or --checkpoint FILE with --model NAME")
         if not Path(ckpt).is_file():
@@ -172,11 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"dissect-eval: error: {err}", file=sys.stderr)
         return 2
-    text = json.dumps(metrics, indent=2)
-    print(text)
+    print(describe(metrics))
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.cli import eval_main
+
+    return eval_main(argv)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,19 @@
-"""`dissect-export RUN_DIR --out model.pt [--tag TAG]`: a run's trained weights for open_clip.
+"""`dissect-export RUN_DIR --out DIR [--tag TAG]`: a run's trained weights for open_clip.
 
-    dissect-export runs/demo --out demo.pt
-    model, _, preprocess = open_clip.create_model_and_transforms("tiny-vit", pretrained="demo.pt")
+    dissect-export runs/demo --out exports/demo
+    import pipeline  # torchvision beside the CPU torch wheel (a no-op where it imports cleanly)
+    import open_clip
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:exports/demo")
+    tokenizer = open_clip.get_tokenizer("local-dir:exports/demo")
+
+``DIR`` is the folder open_clip's ``local-dir:`` loader reads: ``open_clip_config.json`` (the
+model's architecture and preprocessing, so configs under configs/models need no registering)
+and ``open_clip_pytorch_model.bin`` (a plain fp32 state dict). An ``--out`` ending in ``.pt``
+writes only that state dict, for loading code of your own.
 
 Reads one complete checkpoint of the run (default: the one ``checkpoints/latest`` names, else the
-newest with a COMPLETE marker) and writes a plain fp32 state dict with open_clip's key names.
-Works offline on one CPU process, whatever ZeRO stage and world size wrote the checkpoint:
+newest with a COMPLETE marker). Works offline on one CPU process, whatever ZeRO stage and world
+size wrote the checkpoint:
 
 - ZeRO 0: the module weights in ``mp_rank_00_model_states.pt`` (cast to fp32).
 - ZeRO 1-3: the fp32 master weights, stitched from every rank's optimizer partition by
@@ -16,16 +24,16 @@ optimizer files with ``weights_only=False`` (they hold a few DeepSpeed objects: 
 enum, the loss scaler), so every file is first opened with ``weights_only=True`` and only those
 types allowed; a file that needs anything else is refused unless ``--trust-checkpoint`` is given.
 
-Before publishing, the written file is loaded back through open_clip under the run's model
-name (``model.name`` in the run's config.yaml), so a file that open_clip cannot load is never
-left at ``--out``. Exit codes: 0 written, 2 nothing to export / not loadable.
+Before publishing, the export is loaded back through open_clip (the folder through
+``local-dir:``, a ``.pt`` under the run's ``model.name``), so nothing that open_clip cannot load
+is ever left at ``--out``. Exit codes: 0 written, 2 nothing to export / not loadable.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,8 +41,6 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, load_config
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 class ExportError(RuntimeError):
@@ -55,15 +61,6 @@ def find_checkpoint(run_dir: Path, tag: str | None = None) -> Path:
     if latest is None:
         raise ExportError(f"no complete checkpoint under {ckpt_dir}")
     return ckpt_dir / latest
-
-
-def _safe_types() -> list:
-    """DeepSpeed objects that its checkpoint files legitimately hold (plain data classes)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO 1-2 param -> flat offsets
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def _load_safe(path: Path, extra_types: list | None = None, mmap: bool = False):
@@ -100,17 +97,13 @@ def checkpoint_state_dict(ckpt_path: Path, trust: bool = False) -> tuple[dict, i
         return state, 0, int(meta.get("dp_world_size", 1))
     if not optim_files:
         raise ExportError(f"{ckpt_path} is a ZeRO-{stage} checkpoint without *_optim_states.pt files")
-    # The one deepspeed import outside pipeline/engine.py: zero_to_fp32 needs no engine and no
-    # process group, which engine.py (built around a live DeepSpeed engine) cannot offer.
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    from pipeline import engine  # DeepSpeed's zero_to_fp32 lives behind the engine module
+
     if not trust:
-        extra = _safe_types()
+        extra = engine.checkpoint_safe_types()
         for f in sorted(ckpt_path.glob("*_states.pt")):
             _load_safe(f, extra, mmap=True)  # vets the pickle; tensors stay on disk (mmap)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout is our result
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_path.parent), tag=ckpt_path.name)
+    state = engine.read_zero_checkpoint(ckpt_path)
     state = {k: v.detach().float().contiguous().clone() for k, v in state.items()}
     return state, stage, len(optim_files)
 
@@ -125,15 +118,51 @@ def run_model_name(run_dir: Path) -> str:
         raise ExportError(f"{cfg_path}: {err}") from None
 
 
-def check_loads(path: Path, model_name: str, state: dict) -> None:
-    """open_clip builds ``model_name`` from ``path`` (strict) and holds exactly ``state``."""
+CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_pytorch_model.bin"
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def _open_clip_model(name: str):
+    """open_clip's model for ``name`` (built-in or configs/models), random init, no download."""
     import open_clip
 
-    from pipeline.model import register_model_configs
+    from pipeline.model import quiet_random_init, register_model_configs
+
+    register_model_configs()
+    with quiet_random_init():
+        return open_clip.create_model(name)
+
+
+def write_model_dir(d: Path, name: str, state: dict) -> None:
+    """The folder open_clip's ``local-dir:`` loader reads: model + preprocess config and weights."""
+    import open_clip
+
+    model = _open_clip_model(name)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ExportError(f"the checkpoint does not fit model {name!r}: {str(err)[:300]}") from None
+    conf = {"model_cfg": open_clip.get_model_config(name),
+            "preprocess_cfg": open_clip.get_model_preprocess_cfg(model)}
+    d.mkdir(parents=True)
+    (d / CONFIG_FILE).write_text(json.dumps(conf, indent=2) + "\n")
+    torch.save(state, d / WEIGHTS_FILE)
+
+
+def check_loads(path: Path, model_name: str, state: dict) -> None:
+    """open_clip builds the model from ``path`` (a folder via ``local-dir:``, a file under
+    ``model_name``) and it holds exactly ``state``."""
+    import open_clip
+
+    from pipeline.model import quiet_random_init, register_model_configs
 
     register_model_configs()
     try:
-        model = open_clip.create_model(model_name, pretrained=str(path))
+        with quiet_random_init():
+            if path.is_dir():
+                model = open_clip.create_model(f"local-dir:{path}")
+            else:
+                model = open_clip.create_model(model_name, pretrained=str(path))
     except Exception as err:
         raise ExportError(f"open_clip cannot load the export as {model_name!r}: {err}") from None
     loaded = model.state_dict()
@@ -142,9 +171,22 @@ def check_loads(path: Path, model_name: str, state: dict) -> None:
             raise ExportError(f"open_clip loaded {model_name!r} but {k!r} differs from the checkpoint")
 
 
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the verified ``tmp`` to ``out``; an earlier export there is replaced, nothing else."""
+    if out.is_dir():
+        if not (out / CONFIG_FILE).is_file():
+            raise ExportError(f"--out {out} is a folder that is not an export; give a new path")
+        old = out.with_name(out.name + f".old{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
 def export(run_dir: str | Path, out: str | Path, tag: str | None = None, trust: bool = False,
            verify: bool = True) -> dict:
-    """Write the checkpoint's weights to ``out`` (atomically); returns a summary."""
+    """Write the checkpoint's weights to ``out`` (a folder, or a ``.pt`` state dict) atomically."""
     run_dir, out = Path(run_dir), Path(out)
     name = run_model_name(run_dir)
     ckpt_path = find_checkpoint(run_dir, tag)
@@ -152,27 +194,23 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, trust: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     try:
-        torch.save(state, tmp)
+        if out.suffix in STATE_DICT_SUFFIXES:
+            torch.save(state, tmp)
+        else:
+            write_model_dir(tmp, name, state)
         if verify:
             check_loads(tmp, name, state)
-        os.replace(tmp, out)
+        _publish(tmp, out)
     finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
         tmp.unlink(missing_ok=True)
     return {"model": name, "checkpoint": str(ckpt_path), "zero_stage": stage, "world_size": world,
             "tensors": len(state), "params": sum(v.numel() for v in state.values()), "out": str(out)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="dissect-export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("run_dir", help="run directory (holds config.yaml and checkpoints/)")
-    ap.add_argument("--out", required=True, help="file to write (an open_clip state dict)")
-    ap.add_argument("--tag", help="checkpoint tag (step_00000100), 'latest' or a checkpoint dir")
-    ap.add_argument("--trust-checkpoint", action="store_true",
-                    help="skip the weights_only vetting of DeepSpeed's optimizer files")
-    ap.add_argument("--no-verify", action="store_true", help="skip loading the result through open_clip")
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    import pipeline  # noqa: F401  (torchvision compat before open_clip)
-
+def run(args) -> int:
+    """dissect-export after its arguments are parsed (pipeline.cli)."""
     try:
         info = export(args.run_dir, args.out, args.tag, args.trust_checkpoint, not args.no_verify)
     except ExportError as err:
@@ -181,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"exported {info['checkpoint']} (ZeRO-{info['zero_stage']}, {info['world_size']} rank(s), "
           f"{info['params']:,} params) as {info['model']!r} -> {info['out']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.cli import export_main
+
+    return export_main(argv)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ never set here, and the BPE vocabulary ships inside the open_clip package.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,27 @@ def register_model_configs() -> None:
     if not _registered and MODEL_CONFIG_DIR.is_dir():
         open_clip.add_model_config(MODEL_CONFIG_DIR)
     _registered = True
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_random_init():
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" warning.
+
+    Here it is never news: training starts from random init by design, and evaluation and
+    export load their weights right after building the model.
+    """
+    flt = _DropRandomInitWarning()
+    root = logging.getLogger()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
 
 
 @dataclass
@@ -51,9 +74,10 @@ def build_model(name: str, seed: int | None = None) -> ClipBundle:
     check_model_name(name)
     if seed is not None:
         torch.manual_seed(seed)
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=None, output_dict=False
-    )
+    with quiet_random_init():
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=None, output_dict=False
+        )
     tokenizer = open_clip.get_tokenizer(name)
     return ClipBundle(
         model=model,

@@ -7,12 +7,9 @@ process runs this same entry point. Bad configuration fails before any work with
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from pipeline import _env
 
 
 def parse_args(argv):
@@ -26,13 +23,19 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    import pipeline  # noqa: F401
+    _env.die_with_parent()
+    _env.quiet_duplicate_warnings()
     from pipeline.config import ConfigError, load_config
+
+    try:  # the config alone first: a mistake in it answers before torch is even imported
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"dissect-train: config error: {err}", file=sys.stderr)
+        return 2
     from pipeline.selection.store import StoreRangeError
     from pipeline.trainer import Trainer, TrainingError, validate_paths
 
     try:
-        cfg = load_config(args.config, args.overrides)
         if args.check:
             validate_paths(cfg)
             print(f"config ok: run.dir={cfg.run.dir}")

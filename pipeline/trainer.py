@@ -33,9 +33,9 @@ from pipeline.data import (
     max_uid,
     zeroshot_meta,
 )
-from pipeline.dist import barrier, init_distributed
+from pipeline.dist import barrier, broadcast_object, init_distributed
 from pipeline.engine import Engine, write_ds_config
-from pipeline.evaluate import evaluate_sets
+from pipeline.evaluate import describe, evaluate_sets
 from pipeline.metrics import make_sink, truncate_metrics_after
 from pipeline.model import build_model, check_model_name
 from pipeline.selection import Selector
@@ -85,6 +85,18 @@ class TrainState:
         self.raw_pos: dict[int, int] = {}  # logical worker -> raw samples consumed this epoch
         self.bad_steps = 0
         self.skipped: dict[str, int] = {}
+
+    def advance(self, seen: int, trained: int) -> None:
+        """One step done: ``seen`` samples loaded (all ranks), ``trained`` of them trained on."""
+        self.step += 1
+        self.step_in_epoch += 1
+        self.samples_seen += seen
+        self.samples_trained += trained
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.raw_pos = {}
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -137,16 +149,21 @@ class StepRunner:
         metrics["perf/train_s"] = time.perf_counter() - t0
         if self.selector is not None:
             self.selector.after_step(s.step)
-        s.step += 1
-        s.step_in_epoch += 1
-        s.samples_seen += W * self.cfg.super_batch_size
-        s.samples_trained += W * self.cfg.data.batch_size if ok else 0
+        s.advance(seen=W * self.cfg.super_batch_size, trained=W * self.cfg.data.batch_size if ok else 0)
         metrics.update(loss=float(loss.detach().float().item()),
                        logit_scale=float(scale.detach().float().item()))
         return metrics
 
 
 class Trainer:
+    """All ranks build one and call ``train()``; see the module docstring.
+
+    The job decides once where it starts: rank 0 resolves ``checkpoint.resume`` and broadcasts
+    the tag, so ranks starting a moment apart (while another rank rewrites a checkpoint) can
+    never disagree. A run whose checkpoint is already at its last step and which has written its
+    result is not rebuilt: ``train()`` returns the stored result at once.
+    """
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
         urls = validate_paths(cfg)
@@ -154,11 +171,9 @@ class Trainer:
         d, W = self.dist, self.dist.world_size
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-
-        seed_everything(cfg.run.seed)  # same model init on every rank
-        bundle = build_model(cfg.model.name, seed=cfg.run.seed)
-        self.bundle = bundle
-        seed_everything(cfg.run.seed * 7919 + d.rank)
+        self._t_start = 0.0  # wall clock at the start of train(): metrics' time_s counts from it
+        self._last_progress = 0.0  # when _progress_line last printed
+        self.start_step = 0  # the step this process started training at (resume)
 
         # epoch geometry: every rank loads B = b / r samples per step
         self.B = cfg.super_batch_size
@@ -171,16 +186,25 @@ class Trainer:
             )
         total = math.ceil(cfg.optim.epochs * self.steps_per_epoch)
         self.total_steps = min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
-        self.spec = StreamSpec(
-            urls=urls, batch_size=self.B, preprocess=bundle.preprocess_train, tokenizer=bundle.tokenizer,
-            seed=cfg.run.seed, rank=d.rank, world=W, nworkers=cfg.data.workers,
-            resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
-        )
-
-        store_size = cfg.selection.store_size or ((max_uid(urls) or samples - 1) + 1)
-        self.stepper = StepRunner(cfg, d, bundle.model, self.total_steps, store_size, self.steps_per_epoch)
-        self.engine, self.selector = self.stepper.engine, self.stepper.selector
+        self.resume_from = self._agree_on_resume()
+        self.saved_step = ckpt.step_of(self.resume_from[1]) if self.resume_from else None
+        self.done = self._stored_result()
         self.state = TrainState()
+        if self.done is not None:  # nothing to train: no model, engine or loader is built
+            return
+
+        seed_everything(cfg.run.seed)  # same model init on every rank
+        self.bundle = build_model(cfg.model.name, seed=cfg.run.seed)
+        seed_everything(cfg.run.seed * 7919 + d.rank)
+        self.spec = StreamSpec(
+            urls=urls, batch_size=self.B, preprocess=self.bundle.preprocess_train,
+            tokenizer=self.bundle.tokenizer, seed=cfg.run.seed, rank=d.rank, world=W,
+            nworkers=cfg.data.workers, resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
+        )
+        store_size = cfg.selection.store_size or ((max_uid(urls) or samples - 1) + 1)
+        self.stepper = StepRunner(cfg, d, self.bundle.model, self.total_steps, store_size, self.steps_per_epoch)
+        self.engine, self.selector = self.stepper.engine, self.stepper.selector
+        self._warn_if_warmup_covers_the_run()
 
         if d.is_main:
             for sub in ("checkpoints", "selection"):
@@ -189,9 +213,33 @@ class Trainer:
             write_ds_config(self.engine, self.run_dir / "ds_config.json")
         barrier()
         self.sink = make_sink(self.run_dir, d.is_main, cfg.log.tensorboard)
-        self._maybe_resume()
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
 
     # --- resume / checkpoint ------------------------------------------------------------------------
+
+    def _agree_on_resume(self) -> tuple[Path, str] | None:
+        """Rank 0's reading of ``checkpoint.resume``, the same on every rank."""
+        where = ckpt.resolve(self.cfg.checkpoint.resume, self.ckpt_dir) if self.dist.is_main else None
+        return broadcast_object(where)
+
+    def _stored_result(self) -> dict | None:
+        """eval.json of a run that already reached its last step (checkpoint and result written)."""
+        result = self.run_dir / "eval.json"
+        done = self.saved_step is not None and self.saved_step >= self.total_steps
+        if not (done and result.is_file() and (self.run_dir / "model.pt").is_file()):
+            return None
+        return json.loads(result.read_text())
+
+    def _warn_if_warmup_covers_the_run(self) -> None:
+        sel = self.selector
+        if sel is not None and self.cfg.selection.method != "random" and sel.warmup_steps >= self.total_steps:
+            self._print(
+                f"dissect-train: warning: selection warm-up lasts {sel.warmup_steps} steps (the larger of "
+                f"selection.warmup_steps and warmup_epochs x {self.steps_per_epoch} steps/epoch) but the run "
+                f"has {self.total_steps}: {self.cfg.selection.method} selection never starts, every step "
+                "keeps a random fraction"
+            )
 
     def _states(self) -> dict:
         st = {"train_state": self.state}
@@ -199,22 +247,28 @@ class Trainer:
             st["selector"] = self.selector
         return st
 
-    def _maybe_resume(self) -> None:
-        where = ckpt.resolve(self.cfg.checkpoint.resume, self.ckpt_dir)
-        if where is None:
-            return
+    def _resume(self, where: tuple[Path, str]) -> None:
         sd = ckpt.load(self.engine, where, self.dist)
         self.state.load_state_dict(sd["train_state"])
         if self.selector is not None:
             self.selector.load_state_dict(sd.get("selector") or {})
         ckpt.set_rng_state(sd["rng"])
-        if self.dist.is_main:  # rows a killed run logged after this checkpoint are replayed now
+        self.start_step = self.state.step
+        if self.dist.is_main:  # what a killed run logged after this checkpoint is replayed now
             truncate_metrics_after(self.run_dir, self.state.step)
+            for part in (self.run_dir / "selection").glob("part-*.parquet"):
+                if int(part.stem.split("-")[1]) > self.state.step:
+                    part.unlink()
         self._print(f"resumed from {where[0] / where[1]} at step {self.state.step}")
 
     def save_checkpoint(self) -> None:
+        """Save this step's checkpoint, unless it is the one just saved or resumed from: a complete
+        checkpoint is never rewritten (a rewrite first withdraws its COMPLETE marker)."""
+        if self.saved_step == self.state.step:
+            return
         ckpt.save(self.engine, self.ckpt_dir, self.state.step, self._states(), self.dist,
                   self.cfg.checkpoint.keep)
+        self.saved_step = self.state.step
 
     # --- the loop -----------------------------------------------------------------------------------
 
@@ -222,39 +276,41 @@ class Trainer:
         if self.dist.is_main:
             print(msg, file=sys.stderr, flush=True)
 
-    def _epoch_loader(self):
+    def _batches(self):
+        """(super-batch, seconds spent loading it) for every remaining step, epoch after epoch."""
         s = self.state
-        plan = EpochPlan(epoch=s.epoch, steps=self.steps_per_epoch, start_step=s.step_in_epoch,
-                         raw_pos=dict(s.raw_pos))
-        return make_loader(self.spec, plan)
+        while s.step < self.total_steps:
+            plan = EpochPlan(epoch=s.epoch, steps=self.steps_per_epoch, start_step=s.step_in_epoch,
+                             raw_pos=dict(s.raw_pos))
+            t = time.perf_counter()
+            for batch in make_loader(self.spec, plan):
+                yield batch, time.perf_counter() - t
+                t = time.perf_counter()
+            s.next_epoch()
 
     def train(self) -> dict:
+        """load -> select -> forward/loss -> backward/step -> log/eval/save, until the last step."""
         cfg, s = self.cfg, self.state
-        bar = self._progress()
+        if self.done is not None:
+            self._print(f"{self.run_dir} already finished at step {self.saved_step}; nothing to train "
+                        f"(its result: {self.run_dir / 'eval.json'})")
+            return self.done
+        self._t_start = time.time()
+        bar = self._progress_bar()
         self.engine.train()
-        while s.step < self.total_steps:
-            t_data = time.perf_counter()
-            for batch in self._epoch_loader():
-                data_s = time.perf_counter() - t_data
-                self._account_data(batch)
-                metrics = self.train_step(batch)
-                metrics["perf/data_s"] = data_s
-                self._after_step(metrics, bar)
-                if s.step >= self.total_steps:
-                    break
-                if s.step == cfg.run.stop_after_steps:
-                    self.save_checkpoint()
-                    self._print(f"stopping at step {s.step} (run.stop_after_steps); resume with "
-                                "checkpoint.resume=latest")
-                    self.sink.close()
-                    return {"step": s.step, "stopped": True}
-                t_data = time.perf_counter()
-            else:  # the epoch's loader is exhausted
-                s.epoch += 1
-                s.step_in_epoch = 0
-                s.raw_pos = {}
-                continue
-            break
+        for batch, data_s in self._batches():
+            self._account_data(batch)
+            metrics = self.train_step(batch)
+            metrics["perf/data_s"] = data_s
+            self._after_step(metrics, bar)
+            if s.step >= self.total_steps:
+                break
+            if s.step == cfg.run.stop_after_steps:
+                self.save_checkpoint()
+                self._print(f"stopping at step {s.step} (run.stop_after_steps); resume with "
+                            "checkpoint.resume=latest")
+                self.sink.close()
+                return {"step": s.step, "stopped": True}
         if bar is not None:
             bar.close()
         return self.finish()
@@ -302,6 +358,8 @@ class Trainer:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", ep=s.epoch)
+        else:
+            self._progress_line(metrics)
         last = s.step >= self.total_steps
         if s.step % cfg.log.every_steps == 0 or last or s.step == 1:
             self.log(metrics)
@@ -364,8 +422,7 @@ class Trainer:
                        "samples_seen": self.state.samples_seen,
                        "samples_trained": self.state.samples_trained,
                        "time_s": time.time() - self._t_start, **metrics}, self.state.step)
-        rounded = {k: round(v, 4) for k, v in metrics.items()}
-        self._print(f"eval @ step {self.state.step}: {json.dumps(rounded)}")
+        self._print(f"eval @ step {self.state.step}: {describe(metrics)}")
         return metrics
 
     def finish(self) -> dict:
@@ -382,10 +439,35 @@ class Trainer:
         barrier()
         return result
 
-    def _progress(self):
-        self._t_start = time.time()
+    def _progress_bar(self):
+        """tqdm on rank 0 when stderr is a terminal; otherwise `_progress_line` logs."""
         if not (self.dist.is_main and self.cfg.log.progress and sys.stderr.isatty()):
             return None
         from tqdm import tqdm
 
         return tqdm(total=self.total_steps, initial=self.state.step, desc="train", dynamic_ncols=True)
+
+    def _progress_line(self, metrics: dict) -> None:
+        """Without a terminal (a log file, CI, SLURM): one line every log.progress_every_s seconds,
+        and at the first and last step."""
+        s, now = self.state, time.time()
+        due = now - self._last_progress >= self.cfg.log.progress_every_s
+        if not (self.dist.is_main and self.cfg.log.progress) or not (due or s.step in (1, self.total_steps)):
+            return
+        self._last_progress = now
+        step_s = sum(v for k, v in metrics.items() if k.startswith("perf/"))
+        rate = self.dist.world_size * self.B / step_s if step_s > 0 else 0.0
+        # the ETA uses this run's mean step time (the first step's start-up cost amortises away)
+        done = s.step - self.start_step
+        eta = (now - self._t_start) / max(done, 1) * (self.total_steps - s.step)
+        line = (f"step {s.step}/{self.total_steps} ({100 * s.step / self.total_steps:.0f}%) "
+                f"epoch {s.epoch} | loss {metrics['loss']:.4f} | {rate:.0f} samples/s | ETA {_hms(eta)}")
+        if "select/kept_noisy_frac" in metrics:
+            line += f" | kept noisy {metrics['select/kept_noisy_frac']:.3f}"
+        self._print(line)
+
+
+def _hms(seconds: float) -> str:
+    m, sec = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"

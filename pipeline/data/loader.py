@@ -12,6 +12,10 @@ Resume is exact: the shuffle buffer is seeded per (seed, epoch, rank, worker), s
 raw samples after the shuffle is deterministic; each batch carries how many raw samples its
 worker consumed, and a resumed worker skips that many (tar reading only, no decode). Workers
 are rotated so the DataLoader's round-robin restarts with the worker whose turn it was.
+Random augmentation is seeded per sample from (seed, epoch, rank, worker, stream position), and
+the DataLoader draws its worker seeds from its own generator: nothing here reads or advances
+the process's global RNG, so a stream started mid-epoch after a crash decodes exactly what the
+uninterrupted one did (with data.workers = 0 the decode runs in the training process itself).
 
 Batch dict (N = samples in the batch):
     images [N, 3, H, W] float, tokens [N, L] int64, uid [N] int64, label [N] int64 (-1: none),
@@ -320,7 +324,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         produced = 0
         for raw in samples:
             try:
-                items.append(decode_sample(raw, sp.preprocess))
+                if sp.shuffle:  # training: random augmentation, seeded by the sample's place
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(_rng(sp.seed, plan.epoch, sp.rank, logical, position[0], 13)
+                                          .getrandbits(63))
+                        items.append(decode_sample(raw, sp.preprocess))
+                else:
+                    items.append(decode_sample(raw, sp.preprocess))
             except SkipSample as s:
                 counter.skip(s.reason, raw.get("__url__", "?"))
                 continue
@@ -345,6 +355,9 @@ def _identity(batch_list):
 
 
 def make_loader(spec: StreamSpec, plan: EpochPlan) -> torch.utils.data.DataLoader:
+    # its own generator: otherwise every new iterator draws its worker seed from the global RNG,
+    # and a loader started mid-epoch on resume would shift every later random draw of training
+    gen = torch.Generator().manual_seed(_rng(spec.seed, plan.epoch, spec.rank, 17).getrandbits(63))
     return torch.utils.data.DataLoader(
         ShardStream(spec, plan),
         batch_size=1,
@@ -352,6 +365,7 @@ def make_loader(spec: StreamSpec, plan: EpochPlan) -> torch.utils.data.DataLoade
         num_workers=spec.nworkers,
         persistent_workers=False,
         prefetch_factor=4 if spec.nworkers > 0 else None,
+        generator=gen,
     )
 
 

@@ -1,0 +1,82 @@
+"""Process environment defaults, set in one place when `pipeline` is imported (no torch here).
+
+Each is a default: a value already in the environment wins.
+
+- ``NO_ALBUMENTATIONS_UPDATE``, ``HF_HUB_OFFLINE``: img2dataset and open_clip must not reach for
+  the network (albumentations checks for updates at import; the hub would try to download).
+- ``TOKENIZERS_PARALLELISM``: the tokenizer's thread pool must not fork inside loader workers.
+- ``TORCH_EXTENSIONS_DIR``: where DeepSpeed JIT-compiles its CPU comm op. Inside the virtual
+  environment (``.venv/torch_extensions``), so that one checkout's cache, or a build killed
+  midway in it, can never block another checkout's runs (the default, ~/.cache/torch_extensions,
+  is shared by every project of the user). Outside a virtual environment torch's default stays.
+- ``DS_ACCELERATOR`` is set by `pipeline.engine` (it needs torch to know whether CUDA is there).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+DEFAULTS = {
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def in_virtualenv() -> bool:
+    return sys.prefix != sys.base_prefix
+
+
+def extensions_dir() -> Path | None:
+    """The project's torch extensions cache (None: torch's own default is used)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    return Path(sys.prefix) / "torch_extensions" if in_virtualenv() else None
+
+
+def set_defaults() -> None:
+    for key, value in DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    ext = extensions_dir()
+    if ext is not None:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ext))
+
+
+def die_with_parent() -> None:
+    """Under a launcher (torchrun, deepspeed, srun + torchrun: RANK is set), make the kernel kill
+    this rank when its parent (the launcher) dies, however it dies.
+
+    torchrun starts each rank in a session of its own, so a SIGKILL of torchrun, or of its process
+    group, does not reach the ranks: they would train on as orphans, writing the run directory
+    beside a restarted job. ``PR_SET_PDEATHSIG`` fixes that at the source. The parent may already
+    have died before the call; then our parent pid has changed and we exit at once. A plain
+    ``python -m pipeline.train`` (no RANK) is left alone: ``nohup`` runs must survive their shell.
+    """
+    if "RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not allowed here (a sandbox): the launchers' own tree kill still applies
+    if os.getppid() != parent or parent == 1:
+        sys.stderr.write("dissect-train: the launcher is gone; exiting\n")
+        os._exit(1)
+
+
+def quiet_duplicate_warnings() -> None:
+    """Each warning once per job: ranks other than 0 drop Python warnings (rank 0 prints the same
+    ones), and every rank drops the deprecation notices that torch and open_clip print from
+    their own internals, which no user of this project can act on. Messages of our own (a
+    rank's unreadable shard, say) are printed directly and are not affected."""
+    import warnings
+
+    for module in (r"open_clip\.loss", r"torch\.distributed"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+    if os.environ.get("RANK", "0") != "0":
+        warnings.simplefilter("ignore")
