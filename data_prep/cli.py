@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from data_prep import DataPrepError
-from data_prep.shard import MODES, RESIZE_MODES, ShardConfig
+from data_prep.shard import ENCODE_QUALITY, MODES, RESIZE_MODES, ShardConfig
 
 EXIT_BAD_INPUT = 2
 EXIT_INCOMPLETE = 1
@@ -21,12 +21,33 @@ def _comma_list(text: str) -> list[str]:
     return [c.strip() for c in text.split(",") if c.strip()]
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends `(default: X)` to each option's help, except where it would say nothing:
+    required options, flags, empty or None defaults (their help says what happens instead),
+    and help that already names its default."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        # identity, not ==: a default of 0 is worth showing and 0 == False
+        nothing = any(action.default is x for x in (None, False, argparse.SUPPRESS))
+        if action.required or nothing or action.default == [] or "default" in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dissect-prep", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dissect-prep", description=__doc__.splitlines()[0], formatter_class=_HelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{shard,demo,noise,inspect}")
     d = ShardConfig()
 
-    p = sub.add_parser("shard", help="download a url list into webdataset shards (img2dataset)")
+    def add_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=_HelpFormatter
+        )
+
+    p = add_command("shard", "download a url list into webdataset shards (img2dataset)")
     p.add_argument(
         "--urls",
         required=True,
@@ -37,10 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, type=Path, help="output folder for the shards and manifest.json"
     )
     p.add_argument(
-        "--input-format", choices=("parquet", "csv", "tsv"), help="default: from the file extension"
+        "--input-format",
+        choices=("parquet", "csv", "tsv"),
+        help="default: from the file extension",
     )
-    p.add_argument("--url-col", default=d.url_col)
-    p.add_argument("--caption-col", default=d.caption_col)
+    p.add_argument("--url-col", default=d.url_col, help="url column of the list")
+    p.add_argument("--caption-col", default=d.caption_col, help="caption column of the list")
     p.add_argument(
         "--extra-cols",
         type=_comma_list,
@@ -48,15 +71,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="A,B",
         help="columns carried into each sample's json (uid and label always are)",
     )
+    p.add_argument("--image-size", type=int, default=d.image_size, help="pixels")
     p.add_argument(
-        "--image-size", type=int, default=d.image_size, help="pixels (default %(default)s)"
+        "--resize-mode", choices=RESIZE_MODES, default=d.resize_mode, help="img2dataset's"
     )
-    p.add_argument("--resize-mode", choices=RESIZE_MODES, default=d.resize_mode)
-    p.add_argument("--encode-format", choices=("jpg", "png", "webp"), default=d.encode_format)
-    p.add_argument("--encode-quality", type=int, default=d.encode_quality)
-    p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard)
     p.add_argument(
-        "--processes", type=int, default=d.processes, help="default: CPU count (%(default)s)"
+        "--encode-format",
+        choices=tuple(ENCODE_QUALITY),
+        default=d.encode_format,
+        help="image format in the tar",
+    )
+    p.add_argument(
+        "--encode-quality",
+        type=int,
+        default=None,
+        help="jpg: quality 0..100, webp: quality 1..100, png: zlib compression level 0..9 "
+        "(default: " + ", ".join(f"{f} {q}" for f, (_, _, q) in ENCODE_QUALITY.items()) + ")",
+    )
+    p.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=d.samples_per_shard,
+        help="rows of the list per shard",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=d.processes,
+        help="download processes (default: the CPU count, %(default)s here)",
     )
     p.add_argument("--threads", type=int, default=d.threads, help="download threads per process")
     p.add_argument("--timeout", type=float, default=d.timeout, help="seconds per request")
@@ -65,15 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=MODES,
         default=d.mode,
-        help="incremental: keep finished shards and resume (default); overwrite: start over",
+        help="incremental: keep finished shards and resume; overwrite: start over",
     )
     p.add_argument(
-        "--min-image-size", type=int, default=d.min_image_size, help="drop smaller images (pixels)"
+        "--min-image-size",
+        type=int,
+        default=d.min_image_size,
+        help="drop images whose shorter side is below this (pixels)",
     )
     p.add_argument("--exif", action="store_true", help="store EXIF in the json (off by default)")
 
-    p = sub.add_parser("demo", help="build the Fashion-MNIST demo shards through img2dataset")
-    p.add_argument("--out", required=True, type=Path)
+    p = add_command("demo", "build the Fashion-MNIST demo shards through img2dataset")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument(
         "--noise",
         type=float,
@@ -84,17 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit",
         type=int,
         default=None,
-        help="cap train images (val scales with it) for fast runs",
+        help="cap train images (val scales with it) for fast runs (default: all 60000)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling, captions and noise")
     p.add_argument(
         "--kind",
         choices=("single", "mosaic"),
         default="single",
         help="single items with class captions, or 2x2 mosaics with near-unique captions",
     )
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--processes", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=64, help="pixels")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="download processes (default: 1 for splits under 5000 images, else CPU count)",
+    )
     p.add_argument(
         "--fmnist-dir", type=Path, default=None, help="default: /usr/share/datasets/fashion-mnist"
     )
@@ -102,20 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="rebuild even when a complete output exists"
     )
 
-    p = sub.add_parser(
-        "noise", help="copy shards with a fraction of captions swapped between samples"
-    )
-    p.add_argument("--in", dest="src", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--rate", required=True, type=float)
-    p.add_argument("--seed", type=int, default=0)
+    p = add_command("noise", "copy shards with a fraction of captions swapped between samples")
+    p.add_argument("--in", dest="src", required=True, type=Path, help="clean shard folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--rate", required=True, type=float, help="fraction of captions swapped")
+    p.add_argument("--seed", type=int, default=0, help="seed of which samples and donors")
 
-    p = sub.add_parser(
-        "inspect", help="counts, labels, noise and example captions of a shard folder"
-    )
-    p.add_argument("dir", type=Path)
+    p = add_command("inspect", "counts, labels, noise and example captions of a shard folder")
+    p.add_argument("dir", type=Path, help="a shard folder, or a folder of shard folders")
     p.add_argument("--max-shards", type=int, default=None, help="scan only the first N shards")
-    p.add_argument("--examples", type=int, default=6)
+    p.add_argument("--examples", type=int, default=6, help="example captions shown")
     return parser
 
 

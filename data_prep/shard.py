@@ -4,8 +4,9 @@ img2dataset does the downloading, resizing and tar writing; this module decides 
 given (a validated url list with a `uid` per row) and reads back what it did (its per-shard
 `NNNNN_stats.json` and `NNNNN.parquet`) into one manifest.
 
-Each written sample is `NNNNN.tar` members `<key>.jpg`, `<key>.txt` (caption), `<key>.json`
-(img2dataset's metadata plus `uid`, `label` when the list has one, and any extra columns).
+Each written sample is `NNNNN.tar` members `<key>.jpg` (or .png/.webp: the encode format),
+`<key>.txt` (caption), `<key>.json` (img2dataset's metadata plus `uid`, `label` when the list
+has one, and any extra columns).
 
 Incremental mode is img2dataset's: a shard whose `_stats.json` exists is finished and is not
 downloaded again; an interrupted shard has no stats file and is redone from scratch. Shard
@@ -38,6 +39,10 @@ FINGERPRINT = ".input-fingerprint"
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 MODES = ("incremental", "overwrite")
 OOM_SHARD_COUNT = 5  # shard names 00000.tar ... 99999.tar
+# encode format -> (lowest, highest, default) encode quality. jpg and webp: OpenCV's quality
+# scales; png: the zlib compression level (lossless at any level; 9 costs little more CPU than
+# 6 on photos). img2dataset's single default, 95, is out of range for png.
+ENCODE_QUALITY = {"jpg": (0, 100, 95), "png": (0, 9, 9), "webp": (1, 100, 95)}
 # what img2dataset writes per shard
 _SHARD_FILE = re.compile(r"^\d+(\.tar|\.parquet|_stats\.json)$")
 
@@ -52,8 +57,8 @@ class ShardConfig:
     extra_cols: tuple[str, ...] = ()  # carried into each sample's json (uid, label always are)
     image_size: int = 256
     resize_mode: str = "border"  # one of RESIZE_MODES (img2dataset's)
-    encode_format: str = "jpg"
-    encode_quality: int = 95
+    encode_format: str = "jpg"  # jpg | png | webp
+    encode_quality: int | None = None  # None: the format's default (ENCODE_QUALITY)
     samples_per_shard: int = 10000
     processes: int = field(default_factory=lambda: os.cpu_count() or 1)
     threads: int = 64  # per process; web latency bound, not CPU bound
@@ -75,9 +80,18 @@ class ShardConfig:
             )
         if self.mode not in MODES:
             raise DataPrepError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.encode_format not in ("jpg", "png", "webp"):
+        if self.encode_format not in ENCODE_QUALITY:
             raise DataPrepError(
                 f"encode_format must be jpg, png or webp, got {self.encode_format!r}"
+            )
+        # checked here: img2dataset checks png only, and only inside its run, where the
+        # ValueError arrives as a traceback followed by its logger process's own
+        lo, hi, _ = ENCODE_QUALITY[self.encode_format]
+        if self.encode_quality is not None and not lo <= self.encode_quality <= hi:
+            what = "compression level" if self.encode_format == "png" else "quality"
+            raise DataPrepError(
+                f"encode quality for {self.encode_format} is its {what} and must be "
+                f"{lo}..{hi}, got {self.encode_quality}"
             )
         for name in ("image_size", "samples_per_shard", "processes", "threads"):
             if getattr(self, name) < 1:
@@ -88,6 +102,13 @@ class ShardConfig:
             raise DataPrepError(f"timeout must be > 0 seconds, got {self.timeout}")
         if self.retries < 0:
             raise DataPrepError(f"retries must be >= 0, got {self.retries}")
+
+    @property
+    def quality(self) -> int:
+        """The encode quality used: the one asked for, or the encode format's default."""
+        if self.encode_quality is not None:
+            return self.encode_quality
+        return ENCODE_QUALITY[self.encode_format][2]
 
 
 def shard_urls(
@@ -203,7 +224,7 @@ def _run_img2dataset(prepared: PreparedList, out: Path, config: ShardConfig) -> 
             image_size=config.image_size,
             resize_mode=config.resize_mode,
             encode_format=config.encode_format,
-            encode_quality=config.encode_quality,
+            encode_quality=config.quality,
             number_sample_per_shard=config.samples_per_shard,
             oom_shard_count=OOM_SHARD_COUNT,
             processes_count=config.processes,
@@ -290,6 +311,9 @@ def _download_manifest(
         errors=dict(errors.most_common(20)),
         missing_shards=missing,
         carried_columns=prepared.carried,
-        params={k: v for k, v in asdict(config).items() if k not in ("input_format",)},
+        params={
+            **{k: v for k, v in asdict(config).items() if k not in ("input_format",)},
+            "encode_quality": config.quality,
+        },
         duration_s=round(time.time() - started, 2),
     )
