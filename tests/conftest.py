@@ -1,10 +1,15 @@
 import os
 import sys
+import uuid
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every process the suite starts inherits this marker; at the end no `pipeline.train` process
+# carrying it may be alive (pytest_sessionfinish below).
+SUITE_MARK = "DISSECT_TEST_SUITE"
+os.environ.setdefault(SUITE_MARK, uuid.uuid4().hex)
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
@@ -30,3 +35,39 @@ def _isolate_process_group_and_env():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def _suite_training_processes() -> list:
+    """Live `pipeline.train` processes started by this suite (found by the inherited marker)."""
+    import psutil
+
+    mark = f"{SUITE_MARK}={os.environ[SUITE_MARK]}".encode()
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid == os.getpid() or "pipeline.train" not in " ".join(proc.info["cmdline"] or []):
+                continue
+            with open(f"/proc/{proc.pid}/environ", "rb") as f:
+                if mark in f.read().split(b"\0"):
+                    found.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if any training process the suite started outlives it (then kill them)."""
+    import psutil
+
+    leftovers = _suite_training_processes()
+    if not leftovers:
+        return
+    lines = [f"  pid {p.pid}: {' '.join(p.info['cmdline'] or [])[:200]}" for p in leftovers]
+    sys.stderr.write("\nFAILED: training processes started by the test suite are still alive:\n"
+                     + "\n".join(lines) + "\n(killed now)\n")
+    for p in leftovers:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    session.exitstatus = 1

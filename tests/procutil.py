@@ -37,7 +37,7 @@ def run_cmd(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        kill_tree(p.pid)
+        stop_tree(p.pid)
         p.communicate()
         raise
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
@@ -55,6 +55,31 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
             proc.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
+
+
+def stop_tree(pid: int, grace: float = 5.0) -> None:
+    """SIGTERM to ``pid`` and every descendant, then SIGKILL to whatever is left after ``grace`` s.
+
+    The tree is listed before the first signal: once torchrun dies its ranks are re-parented
+    and could no longer be found as its descendants.
+    """
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
 
 
 def start_cmd(cmd: list[str], log: Path) -> subprocess.Popen:
