@@ -18,6 +18,9 @@ kind "download" adds:
                  plus empty_caption / missing_url / unsupported_url_scheme for rows dropped before download
   errors         the raw img2dataset error messages with counts (the 20 most frequent)
   missing_shards shard names that did not finish (re-run the same command to finish them)
+  dropped_file   the file beside the shards listing each row dropped before download
+                 (file, row, uid, url, reason); img2dataset's own `NNNNN.parquet` beside each
+                 shard has every downloaded row's status and error_message
   params         the img2dataset settings used; duration_s
 kind "noise" adds:
   source         the clean shard folder; noise: {"rate", "seed", "realised_rate", "tolerance"}
@@ -34,6 +37,8 @@ from pathlib import Path
 from data_prep import DataPrepError
 
 MANIFEST = "manifest.json"
+# failure categories of rows dropped before download (urllist.py), not by img2dataset
+DROPPED_REASONS = ("missing_url", "unsupported_url_scheme", "empty_caption")
 VERSION = 1
 
 
@@ -170,6 +175,17 @@ def summary_lines(manifest: dict, folder: str | Path) -> list[str]:
             top = list(manifest.get("errors", {}).items())[:3]
             for msg, n in top:
                 lines.append(f"    {n:>7}  {msg[:90]}")
+        # where the failures are, row by row (manifests before dropped_file have no list)
+        lines.append(
+            f"  row status  {Path(folder) / 'NNNNN.parquet'} (img2dataset's status and "
+            "error_message of each row it tried, one file per shard)"
+        )
+        if manifest.get("dropped_file"):
+            dropped = sum(failures.get(k, 0) for k in DROPPED_REASONS)
+            lines.append(
+                f"  dropped     {Path(folder) / manifest['dropped_file']} ({dropped} rows dropped "
+                "before download: file, row, uid, url, reason)"
+            )
         if manifest.get("missing_shards"):
             lines.append(
                 f"  unfinished  {len(manifest['missing_shards'])} shards: "

@@ -8,6 +8,10 @@ Each written sample is `NNNNN.tar` members `<key>.jpg` (or .png/.webp: the encod
 `<key>.txt` (caption), `<key>.json` (img2dataset's metadata plus `uid`, `label` when the list
 has one, and any extra columns).
 
+Beside the shards: `NNNNN.parquet` (img2dataset's status and error message for every row it
+tried), `dropped.parquet` (the rows dropped before download, with the reason) and
+`manifest.json`.
+
 Incremental mode is img2dataset's: a shard whose `_stats.json` exists is finished and is not
 downloaded again; an interrupted shard has no stats file and is redone from scratch. Shard
 boundaries depend on the list and on samples-per-shard, so both are recorded in
@@ -36,6 +40,7 @@ from data_prep.urllist import INPUT_FORMATS, PreparedList, prepare_url_list
 
 # No .json suffix: img2dataset treats every *.json in the output folder as a shard's stats.
 FINGERPRINT = ".input-fingerprint"
+DROPPED = "dropped.parquet"  # rows dropped before download: file, row, uid, url, reason
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 MODES = ("incremental", "overwrite")
 OOM_SHARD_COUNT = 5  # shard names 00000.tar ... 99999.tar
@@ -153,6 +158,8 @@ def shard_urls(
                 "output folder as shard stats; move them or pick another --out"
             )
         (out / FINGERPRINT).write_text(json.dumps(_fingerprint(prepared, config)) + "\n")
+        prepared.dropped.to_parquet(out / f"{DROPPED}.tmp", index=False)
+        (out / f"{DROPPED}.tmp").replace(out / DROPPED)
         _run_img2dataset(prepared, out, config)
     _drop_unfinished(out, expected)
     manifest = _download_manifest(out, prepared, config, expected, started, build)
@@ -167,7 +174,7 @@ def _clear_shards(out: Path) -> None:
         return
     for path in out.iterdir():
         if path.is_file() and (
-            _SHARD_FILE.match(path.name) or path.name in (MANIFEST, FINGERPRINT)
+            _SHARD_FILE.match(path.name) or path.name in (MANIFEST, FINGERPRINT, DROPPED)
         ):
             path.unlink()
     shutil.rmtree(out / "_tmp", ignore_errors=True)
@@ -310,6 +317,7 @@ def _download_manifest(
         failures=dict(failures.most_common()),
         errors=dict(errors.most_common(20)),
         missing_shards=missing,
+        dropped_file=DROPPED,
         carried_columns=prepared.carried,
         params={
             **{k: v for k, v in asdict(config).items() if k not in ("input_format",)},

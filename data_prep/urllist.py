@@ -12,6 +12,8 @@ Rows that cannot become a training pair are dropped here, before download, and c
   - `unsupported_url_scheme`: anything but http(s):// (file:// would copy local files);
   - `empty_caption`: null or blank caption (an image with no text teaches a contrastive
     model nothing and would be a silent noisy pair). Their uids are simply never used.
+Each dropped row is also listed (`PreparedList.dropped`: file, row, uid, url, reason) so that
+it can be found and fixed; shard.py writes that list beside the shards.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ _SUFFIX_FORMATS = {
     ".tsv.gz": "tsv",
 }
 INPUT_FORMATS = ("parquet", "csv", "tsv")
+DROPPED_COLUMNS = ("file", "row", "uid", "url", "reason")
 
 # Columns img2dataset writes itself; a carried column must not collide with them.
 RESERVED_COLUMNS = frozenset(
@@ -122,6 +125,8 @@ class PreparedList:
     kept: int  # rows handed to the downloader
     rows_per_part: list[int]  # kept rows per part, in part order (shard ids follow this)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows dropped before download
+    # one row per dropped row: file, row (0-based data row in that file), uid, url, reason
+    dropped: pd.DataFrame = field(default_factory=lambda: _dropped_frame([]))
     carried: list[str] = field(default_factory=list)  # columns written into each sample's json
     has_label: bool = False
     max_uid: int = -1
@@ -164,6 +169,7 @@ def prepare_url_list(
     uids_seen: list[np.ndarray] = []
     label_flags: list[bool] = []
     frames: list[pd.DataFrame] = []
+    dropped: list[pd.DataFrame] = []
     for path in files:
         df = read_table(path, input_format)
         missing = [c for c in [url_col, caption_col, *extra_cols] if c not in df.columns]
@@ -176,10 +182,11 @@ def prepare_url_list(
         prepared.rows += len(df)
         label_flags.append("label" in df.columns)
         frames.append(
-            _clean_part(df, path, uid, url_col, caption_col, extra_cols, prepared.skipped)
+            _clean_part(df, path, uid, url_col, caption_col, extra_cols, prepared.skipped, dropped)
         )
         uids_seen.append(frames[-1]["uid"].to_numpy())
 
+    prepared.dropped = _dropped_frame(dropped)
     if prepared.rows == 0:
         raise DataPrepError(f"url list {urls} is empty (no rows)")
     all_uids = np.concatenate(uids_seen)
@@ -231,7 +238,21 @@ def _uids(df: pd.DataFrame, path: Path, offset: int) -> np.ndarray:
     return values
 
 
-def _clean_part(df, path, uid, url_col, caption_col, extra_cols, skipped) -> pd.DataFrame:
+def _dropped_frame(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    if not parts:
+        return pd.DataFrame(
+            {
+                "file": pd.Series([], dtype=object),
+                "row": pd.Series([], dtype=np.int64),
+                "uid": pd.Series([], dtype=np.int64),
+                "url": pd.Series([], dtype=object),
+                "reason": pd.Series([], dtype=object),
+            }
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
+def _clean_part(df, path, uid, url_col, caption_col, extra_cols, skipped, dropped) -> pd.DataFrame:
     out = pd.DataFrame(
         {
             url_col: df[url_col].astype("string").str.strip(),
@@ -256,10 +277,26 @@ def _clean_part(df, path, uid, url_col, caption_col, extra_cols, skipped) -> pd.
     bad_scheme = ~no_url & ~out[url_col].str.lower().str.match(r"^https?://").fillna(False).astype(bool)
     no_url = no_url | bad_scheme
     no_caption = ~no_url & (out[caption_col].isna() | (out[caption_col].str.strip() == ""))
+    reasons = np.full(len(out), None, dtype=object)
     for reason, mask in (("missing_url", no_url & ~bad_scheme), ("unsupported_url_scheme", bad_scheme),
                          ("empty_caption", no_caption)):
         if mask.any():
             skipped[reason] = skipped.get(reason, 0) + int(mask.sum())
+            reasons[mask.to_numpy(dtype=bool)] = reason
+    rows = np.flatnonzero(pd.notna(reasons))
+    if len(rows):
+        urls = out[url_col].iloc[rows]
+        dropped.append(
+            pd.DataFrame(
+                {
+                    "file": str(path),
+                    "row": rows.astype(np.int64),  # in file order
+                    "uid": out["uid"].to_numpy()[rows].astype(np.int64),
+                    "url": urls.astype(object).where(urls.notna(), None).to_numpy(),
+                    "reason": reasons[rows],
+                }
+            )
+        )
     out = out[~(no_url | no_caption)].reset_index(drop=True)
     # plain object strings: img2dataset hands these to urllib and json.dumps
     out[url_col] = out[url_col].astype(object)

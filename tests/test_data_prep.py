@@ -186,6 +186,12 @@ def test_shard_holds_exactly_the_successes_and_counts_each_failure(tmp_path, ser
     # the summary says what failed
     assert "http_404: 3" in printed and "timeout: 1" in printed and "not_an_image: 2" in printed
     assert "empty_caption: 2" in printed and f"10/{n}" in printed
+    # ... and where the rows are: img2dataset's per-shard parquet, our list of dropped rows
+    assert f"{out}/NNNNN.parquet" in printed
+    assert f"{out / 'dropped.parquet'} (2 rows dropped before download" in printed
+    dropped = pd.read_parquet(out / "dropped.parquet")
+    assert dropped["uid"].tolist() == [1000 + 3 * 16, 1000 + 3 * 17]
+    assert set(dropped["reason"]) == {"empty_caption"}
 
 
 def test_error_categories():
@@ -324,6 +330,13 @@ def test_prepare_url_list_tsv_folder_uids_and_skips(tmp_path):
     assert both["caption"].tolist() == ["NA", "null", "four"]
     assert both["label"].tolist() == [1, -1, 0]  # a missing label is -1 (unlabelled)
     assert prepared.rows_per_part == [1, 2] and prepared.max_uid == 4
+    # each dropped row is listed: its file, row in that file, uid, url and reason
+    dropped = prepared.dropped
+    assert dropped["file"].tolist() == [str(src / "a.tsv")] * 2
+    assert dropped[["row", "uid", "url", "reason"]].values.tolist() == [
+        [1, 1, "http://h/1", "empty_caption"],
+        [2, 2, "", "missing_url"],
+    ]
 
 
 # --- noise ---------------------------------------------------------------------------------
@@ -494,3 +507,8 @@ def test_only_http_urls_are_fetched(tmp_path):
     assert prepared.skipped == {"unsupported_url_scheme": 3}
     kept = pd.concat(pd.read_parquet(q) for q in (tmp_path / "parts").glob("*.parquet"))
     assert kept["url"].tolist() == ["HTTPS://h/ok.jpg"]
+    assert prepared.dropped[["row", "url", "reason"]].values.tolist() == [
+        [0, "file:///etc/passwd", "unsupported_url_scheme"],
+        [1, "ftp://h/x.jpg", "unsupported_url_scheme"],
+        [3, "../../x.jpg", "unsupported_url_scheme"],
+    ]
