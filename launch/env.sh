@@ -31,7 +31,10 @@ DEEPSPEED="${DEEPSPEED:-$(dirname "$PYTHON")/deepspeed}"
 
 # `python -m pipeline.train` works from any working directory (config and data paths stay
 # relative to yours), also for a python without the editable install.
-export PYTHONPATH="$DISSECT_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+case ":${PYTHONPATH:-}:" in
+    *":$DISSECT_ROOT:"*) ;;  # sourced twice (launch/supervise.sh under slurm.sbatch): once is enough
+    *) export PYTHONPATH="$DISSECT_ROOT${PYTHONPATH:+:$PYTHONPATH}" ;;
+esac
 
 # Logs reach the per-node log files as they are written, not when a buffer fills.
 export PYTHONUNBUFFERED=1
@@ -75,6 +78,13 @@ DISSECT_RDZV_TIMEOUT_S="${DISSECT_RDZV_TIMEOUT_S:-900}"
 # the launching machine cannot see the data (a login node without the dataset mount).
 DISSECT_CHECK="${DISSECT_CHECK:-1}"
 
+# Seconds between the SIGTERM and the SIGKILL with which a launcher stops its job. A launcher runs
+# torchrun / the deepspeed launcher / srun as a child and, when it is signalled (SIGTERM, SIGINT,
+# SIGHUP) or exits with processes left (a launcher command that died abnormally), sends SIGTERM to
+# its whole process tree (every rank, though torchrun starts each in a session of its own) and
+# SIGKILL to what is still alive this long after. A signalled launcher exits 128 + the signal.
+DISSECT_KILL_GRACE_S="${DISSECT_KILL_GRACE_S:-10}"
+
 # OMP_NUM_THREADS is set per launch by dissect_default_omp_threads (below): the machine's cores
 # divided by the ranks on it, so ranks do not oversubscribe the CPU; torchrun alone would use 1.
 
@@ -90,11 +100,26 @@ DISSECT_EXPORT_VARS=(OMP_NUM_THREADS PYTHONUNBUFFERED NO_ALBUMENTATIONS_UPDATE H
 
 DISSECT_PROG="${DISSECT_PROG:-launch/$(basename "$0")}"
 
+# --dry-run may stand anywhere on a launcher's command line (it is never a key=value override):
+# sets DISSECT_DRY_RUN (1 when given, else 0) and DISSECT_ARGS (the arguments without it).
+#   dissect_take_dry_run "$@"; set -- ${DISSECT_ARGS[@]+"${DISSECT_ARGS[@]}"}
+dissect_take_dry_run() {
+    DISSECT_DRY_RUN=0
+    DISSECT_ARGS=()
+    local a
+    for a in "$@"; do
+        if [[ "$a" == --dry-run ]]; then DISSECT_DRY_RUN=1; else DISSECT_ARGS+=("$a"); fi
+    done
+}
+
 # One line on stderr, exit 2: nothing has been started.
 dissect_die() {
     echo "$DISSECT_PROG: error: $*" >&2
     exit 2
 }
+
+[[ "$DISSECT_KILL_GRACE_S" =~ ^[0-9]+$ ]] ||
+    dissect_die "DISSECT_KILL_GRACE_S must be a whole number of seconds, got '$DISSECT_KILL_GRACE_S'"
 
 # The exact command, shell-quoted so it can be pasted back into a shell.
 dissect_print_cmd() {
@@ -174,4 +199,94 @@ dissect_check_config() {
         exit "$rc"
     fi
     DISSECT_RUN_DIR="$(sed -n 's/^config ok: run.dir=//p' <<<"$out" | tail -n1)"
+}
+
+# ---------------------------------------------------------------------------------------------
+# running the launcher command: its whole process tree goes down with the launcher
+
+# The processes among the given PIDs and all their descendants that are alive (zombies count as
+# dead), one per line, without this shell itself. The tree is walked by parent PID: torchrun
+# starts every rank in a session (and process group) of its own, which a group kill misses. The
+# subshell running this walk, and its ps and awk, are left out: call it as $(dissect_tree PID...).
+dissect_tree() {
+    local walker="$BASHPID"  # here, not in the awk arguments: each pipeline part is a subshell
+    ps -e -o pid=,ppid=,stat= | awk -v roots="$*" -v self="$$" -v walker="$walker" '
+        BEGIN { n = split(roots, r, " "); for (i = 1; i <= n; i++) want[r[i]] = 1 }
+        $1 != walker && $3 !~ /^Z/ { parent[$1] = $2 }
+        END {
+            do {
+                grown = 0
+                for (p in parent) if (!(p in want) && (parent[p] in want)) { want[p] = 1; grown = 1 }
+            } while (grown)
+            for (p in want) if ((p in parent) && p != self) print p
+        }'
+}
+
+# dissect_stop_tree WHY PID...: SIGTERM to those processes and all their descendants, SIGKILL to
+# what is still alive DISSECT_KILL_GRACE_S seconds later; one line on stderr saying WHY. Returns
+# at once, silently, when none is alive.
+dissect_stop_tree() {
+    local why="$1" pids polls
+    shift
+    pids="$(dissect_tree "$@")"
+    [[ -n "$pids" ]] || return 0
+    echo "$DISSECT_PROG: $why: stopping $(wc -w <<<"$pids") processes (SIGTERM; SIGKILL after ${DISSECT_KILL_GRACE_S} s)" >&2
+    # shellcheck disable=SC2086  # one PID per word
+    kill -TERM $pids 2>/dev/null || true
+    # shellcheck disable=SC2086
+    kill -CONT $pids 2>/dev/null || true  # a stopped process acts on SIGTERM only once continued
+    for ((polls = DISSECT_KILL_GRACE_S * 5; polls > 0; polls--)); do
+        sleep 0.2
+        # shellcheck disable=SC2086
+        pids="$(dissect_tree $pids "$@")"  # the ones still alive, and any new descendants
+        [[ -n "$pids" ]] || return 0
+    done
+    echo "$DISSECT_PROG: still alive after ${DISSECT_KILL_GRACE_S} s: SIGKILL to $(wc -w <<<"$pids") processes" >&2
+    # shellcheck disable=SC2086
+    kill -KILL $pids 2>/dev/null || true
+    for ((polls = 20; polls > 0 && ${#pids} > 0; polls--)); do  # SIGKILL is not instant either
+        sleep 0.1
+        # shellcheck disable=SC2086
+        pids="$(dissect_tree $pids)"
+    done
+}
+
+dissect_on_signal() {
+    trap '' HUP INT TERM  # a second signal does not cut the stopping short
+    # this shell's own `sleep` is not part of the job (and would be counted)
+    [[ -z "${DISSECT_NAP:-}" ]] || { kill "$DISSECT_NAP" && wait "$DISSECT_NAP"; } 2>/dev/null || true
+    # shellcheck disable=SC2086
+    dissect_stop_tree "SIG$1" "$$" $DISSECT_SEEN
+    exit $((128 + $2))
+}
+
+# dissect_run CMD...: run the launcher command as a child of this shell and return its exit
+# status. SIGTERM, SIGINT or SIGHUP to this shell stops the command's whole process tree
+# (dissect_stop_tree) and exits 128 + the signal number; on any exit, whatever is left of the
+# tree (ranks of a launcher that died abnormally) is stopped the same way. The tree is looked at
+# every second while the command runs: orphaned ranks are re-parented away from this shell, and
+# that last look is how they are still found. Other traps (slurm.sbatch's USR1) keep working.
+# (A `sleep 0.2` loop rather than one `wait` for the command: bash runs a trap only between
+# commands, and a `wait` for the command alone would leave no moment to look at the tree.)
+dissect_run() {
+    DISSECT_SEEN="" DISSECT_NAP=""
+    trap 'dissect_on_signal HUP 1' HUP
+    trap 'dissect_on_signal INT 2' INT
+    trap 'dissect_on_signal TERM 15' TERM
+    # shellcheck disable=SC2154,SC2086
+    trap 'dissect_stop_tree "exiting with processes left" "$$" $DISSECT_SEEN' EXIT
+    # <&0: keep stdin (a background command would get /dev/null)
+    "$@" <&0 &
+    local child=$! rc=0 polls=0
+    while kill -0 "$child" 2>/dev/null; do
+        ((polls++ % 5)) || DISSECT_SEEN="$(dissect_tree "$child")"  # every 5th 0.2 s poll
+        sleep 0.2 &
+        DISSECT_NAP=$!
+        while kill -0 "$DISSECT_NAP" 2>/dev/null; do
+            wait "$DISSECT_NAP" || true  # a trapped signal ends the wait at once; its trap runs here
+        done
+    done
+    DISSECT_NAP=""
+    wait "$child" || rc=$?  # bash keeps the exit status of a reaped child for this
+    return "$rc"
 }

@@ -23,17 +23,17 @@
 # Options take "--opt VALUE" or "--opt=VALUE", with - or _ (--master_addr works too). The first
 # argument that is not an option is the config; everything after it goes to the trainer
 # untouched. The hostfile and config are checked before anything starts (see launch/env.sh),
-# and the exact command is printed first. --dry-run checks, prints and exits 0.
+# and the exact command is printed first. --dry-run (anywhere on the command line) checks, prints
+# and exits 0. The command runs as a child of this script: SIGTERM, SIGINT or SIGHUP here stops
+# every local rank too (see DISSECT_KILL_GRACE_S in launch/env.sh); the exit status is the
+# command's.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 usage="usage: launch/multi_node.sh [--dry-run] {deepspeed --hostfile FILE | torchrun --nnodes N ...} CONFIG [key=value ...] (see the top of launch/multi_node.sh)"
 
-dry_run=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-    dry_run=1
-    shift
-fi
+dissect_take_dry_run "$@"
+set -- ${DISSECT_ARGS[@]+"${DISSECT_ARGS[@]}"}
 mode="${1:-}"
 case "$mode" in
     deepspeed | torchrun) shift ;;
@@ -49,7 +49,6 @@ while [[ $# -gt 0 ]]; do
     arg="$1"
     case "$arg" in
         --) shift; break ;;
-        --dry-run) dry_run=1; shift; continue ;;
         --no-ssh | --no_ssh) no_ssh=1; shift; continue ;;
         --*=*) opt="${arg%%=*}"; val="${arg#*=}"; shift ;;
         --*)
@@ -184,5 +183,7 @@ fi
 
 dissect_print_env
 dissect_print_cmd "${cmd[@]}"
-[[ "$dry_run" == 1 ]] && exit 0
-exec "${cmd[@]}"
+[[ "$DISSECT_DRY_RUN" == 1 ]] && exit 0
+rc=0
+dissect_run "${cmd[@]}" || rc=$?
+exit "$rc"

@@ -10,16 +10,16 @@
 #
 # Overrides go to the trainer untouched. Before starting, the config is checked with
 # `python -m pipeline.train --check` (see DISSECT_CHECK in launch/env.sh); the command that runs
-# is printed first. --dry-run checks and prints, then exits 0 without starting anything.
+# is printed first. --dry-run (anywhere on the command line) checks and prints, then exits 0
+# without starting anything. The command runs as a child of this script: SIGTERM, SIGINT or
+# SIGHUP here stops every rank too (see DISSECT_KILL_GRACE_S in launch/env.sh); the exit status
+# is the command's.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 usage="usage: launch/single_node.sh [--dry-run] CONFIG [key=value ...]"
-dry_run=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-    dry_run=1
-    shift
-fi
+dissect_take_dry_run "$@"
+set -- ${DISSECT_ARGS[@]+"${DISSECT_ARGS[@]}"}
 case "${1:-}" in
     "" ) dissect_die "no config given; $usage" ;;
     -h | --help ) echo "$usage"; exit 0 ;;
@@ -55,5 +55,7 @@ esac
 
 dissect_print_env
 dissect_print_cmd "${cmd[@]}"
-[[ "$dry_run" == 1 ]] && exit 0
-exec "${cmd[@]}"
+[[ "$DISSECT_DRY_RUN" == 1 ]] && exit 0
+rc=0
+dissect_run "${cmd[@]}" || rc=$?
+exit "$rc"
