@@ -9,8 +9,9 @@ Each written sample is `NNNNN.tar` members `<key>.jpg` (or .png/.webp: the encod
 has one, and any extra columns).
 
 Beside the shards: `NNNNN.parquet` (img2dataset's status and error message for every row it
-tried), `dropped.parquet` (the rows dropped before download, with the reason) and
-`manifest.json`.
+tried), `dropped.parquet` (the rows dropped before download, with the reason),
+`img2dataset.log` (everything img2dataset printed; the terminal only gets its errors, see
+chatter.py) and `manifest.json`.
 
 Incremental mode is img2dataset's: a shard whose `_stats.json` exists is finished and is not
 downloaded again; an interrupted shard has no stats file and is redone from scratch. Shard
@@ -35,6 +36,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from data_prep import DataPrepError
+from data_prep.chatter import LOG, ShardProgress, folded_output
 from data_prep.manifest import MANIFEST, error_category, new_manifest, write_manifest
 from data_prep.urllist import INPUT_FORMATS, PreparedList, prepare_url_list
 
@@ -160,7 +162,16 @@ def shard_urls(
         (out / FINGERPRINT).write_text(json.dumps(_fingerprint(prepared, config)) + "\n")
         prepared.dropped.to_parquet(out / f"{DROPPED}.tmp", index=False)
         (out / f"{DROPPED}.tmp").replace(out / DROPPED)
-        _run_img2dataset(prepared, out, config)
+        todo = len(expected) - sum((out / f"{n}_stats.json").exists() for n in expected)
+        print(
+            f"dissect-prep: downloading {prepared.kept} urls into {todo} shards "
+            f"({config.processes} process{'es' if config.processes > 1 else ''} x "
+            f"{config.threads} threads); "
+            f"img2dataset's output goes to {out / LOG}",
+            flush=True,
+        )
+        with folded_output(out, ShardProgress(out, expected)):
+            _run_img2dataset(prepared, out, config)
     _drop_unfinished(out, expected)
     manifest = _download_manifest(out, prepared, config, expected, started, build)
     write_manifest(out, manifest)
@@ -174,7 +185,7 @@ def _clear_shards(out: Path) -> None:
         return
     for path in out.iterdir():
         if path.is_file() and (
-            _SHARD_FILE.match(path.name) or path.name in (MANIFEST, FINGERPRINT, DROPPED)
+            _SHARD_FILE.match(path.name) or path.name in (MANIFEST, FINGERPRINT, DROPPED, LOG)
         ):
             path.unlink()
     shutil.rmtree(out / "_tmp", ignore_errors=True)
