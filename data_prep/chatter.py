@@ -28,6 +28,9 @@ from pathlib import Path
 LOG = "img2dataset.log"
 PROGRESS_EVERY_S = 30.0  # non-terminal progress line interval
 _POLL_S = 0.25
+# Shown lines wait this long: Ctrl-C reaches every worker too, and the tracebacks they print
+# while dying are dropped (they stay in the log) once the parent has seen the interrupt.
+HOLD_S = 1.0
 
 # tqdm's counter without a total ("3it [00:03,  1.23it/s]"); it shares lines with prints.
 # With our bar open in the same process, img2dataset's bar takes the next position and adds
@@ -97,13 +100,19 @@ def folded_output(out: Path, progress: ShardProgress) -> Iterator[Path]:
     saved_streams = sys.stdout, sys.stderr
     stream = open(log, "a", buffering=1, encoding="utf-8", errors="replace")
     sys.stdout = sys.stderr = stream
-    done = threading.Event()
+    done, interrupted = threading.Event(), threading.Event()
     tail = threading.Thread(
-        target=_tail, args=(log, saved_err, progress, done), name="img2dataset-output", daemon=True
+        target=_tail,
+        args=(log, saved_err, progress, done, interrupted),
+        name="img2dataset-output",
+        daemon=True,
     )
     tail.start()
     try:
         yield log
+    except (KeyboardInterrupt, SystemExit):
+        interrupted.set()
+        raise
     finally:
         sys.stdout, sys.stderr = saved_streams
         stream.close()
@@ -119,7 +128,13 @@ def folded_output(out: Path, progress: ShardProgress) -> Iterator[Path]:
         os.close(saved_err)
 
 
-def _tail(log: Path, err_fd: int, progress: ShardProgress, done: threading.Event) -> None:
+def _tail(
+    log: Path,
+    err_fd: int,
+    progress: ShardProgress,
+    done: threading.Event,
+    interrupted: threading.Event,
+) -> None:
     stream = os.fdopen(os.dup(err_fd), "w", buffering=1)
     bar = None
     if os.isatty(err_fd):
@@ -138,6 +153,7 @@ def _tail(log: Path, err_fd: int, progress: ShardProgress, done: threading.Event
         bar.set_postfix(images=images, refresh=False)
     started = last_line = time.monotonic()
     pending = ""
+    held: list[tuple[float, str]] = []  # (arrival, line) not shown yet
     try:
         with open(log, encoding="utf-8", errors="replace", newline="") as f:
             while True:
@@ -146,16 +162,17 @@ def _tail(log: Path, err_fd: int, progress: ShardProgress, done: threading.Event
                 *lines, pending = re.split(r"\r\n|\r|\n", pending)
                 if finished and pending:
                     lines.append(pending)
-                for line in lines:
-                    text = shown(line)
-                    if text is None:
-                        continue
+                now = time.monotonic()
+                held += [(now, text) for text in map(shown, lines) if text is not None]
+                if interrupted.is_set():
+                    held = []
+                while held and (finished or now - held[0][0] >= HOLD_S):
+                    text = held.pop(0)[1]
                     if bar is not None:
                         bar.write(text, file=stream)
                     else:
                         stream.write(text + "\n")
                 shards, images = progress.poll()
-                now = time.monotonic()
                 if bar is not None:
                     bar.n = shards
                     bar.set_postfix(images=images)

@@ -255,6 +255,10 @@ def _run_img2dataset(prepared: PreparedList, out: Path, config: ShardConfig) -> 
             compute_hash=None,  # a sha256 per image costs CPU and nothing here reads it
             distributor="multiprocessing",
         )
+    except SystemExit as err:
+        # img2dataset's SIGINT handler: sys.exit(0) after stopping its logger. Without this a
+        # Ctrl-C would end the command silently with status 0, as if it had finished
+        raise KeyboardInterrupt from err
     finally:
         signal.signal(signal.SIGINT, previous_sigint)
 

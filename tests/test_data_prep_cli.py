@@ -7,12 +7,17 @@ Downloads run offline against the 127.0.0.1 server of test_data_prep.py.
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import pandas as pd
 import pytest
 from PIL import Image
-from test_data_prep import _Handler, _Server, one_line_error, read_shards
+from test_data_prep import REPO, _Handler, _Server, one_line_error, read_shards
 
 from data_prep import chatter
 from data_prep.cli import main
@@ -157,3 +162,39 @@ def test_help_shows_defaults(command, expected, capsys):
     for default in expected:
         assert default in text, (default, text)
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, server):
+    """Ctrl-C reaches img2dataset's workers too; their dying tracebacks stay in the log."""
+    n = 40
+    urls = tmp_path / "urls.parquet"
+    pd.DataFrame(
+        {"url": [f"{server.base}/img/{i}.png" for i in range(n)], "caption": ["x"] * n}
+    ).to_parquet(urls)
+    out = tmp_path / "shards"
+    server.delay_s = 0.2  # ~1 s per shard of 5
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_prep", "shard", "--urls", str(urls), "--out", str(out),
+         "--samples-per-shard", "5", "--processes", "1", "--threads", "1", "--image-size", "16"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while not list(out.glob("*_stats.json")) and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        server.delay_s = 0.0
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, (stdout, stderr)
+    assert stderr.strip().splitlines() == [
+        "dissect-prep: interrupted (re-run the same command to resume)"
+    ], stderr
