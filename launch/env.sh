@@ -12,6 +12,8 @@
 #                         exits non-zero (torchrun: SIGTERM, SIGKILL 30 s later), then exit non-zero.
 #   srun --kill-on-bad-exit=1   (slurm.sbatch) one node's non-zero exit ends all nodes.
 #   DISSECT_RDZV_TIMEOUT_S      below: how long nodes wait for each other at start-up.
+#   DISSECT_KILL_GRACE_S        below: a launcher that is signalled (or whose torchrun died)
+#                         stops its whole process tree, SIGKILL this long after SIGTERM.
 
 # Repository root (this file lives in launch/).
 DISSECT_ROOT="${DISSECT_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
