@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# The launch environment in one place. Sourced by launch/single_node.sh, launch/multi_node.sh and
-# launch/slurm.sbatch; not meant to be run. Every variable below keeps a value you set before
+# The launch environment in one place. Sourced by launch/single_node.sh, launch/multi_node.sh,
+# launch/slurm.sbatch and launch/supervise.sh; not meant to be run. Every variable below keeps a value you set before
 # calling a launcher (`IFNAME=ib0 launch/multi_node.sh ...`); only unset ones get the default.
 #
 # Timeouts, from the inside out (what ends a job when a rank dies or hangs):
