@@ -204,3 +204,69 @@ def test_restarting_a_finished_run_exits_at_once_and_touches_nothing(shards, tmp
     assert "already finished at step 6" in outs[0][1]
     assert _snapshot(run / "checkpoints") == before
     assert [r["step"] for r in train_rows(run)][-1] == 6
+
+
+# --- exact resume after a crash ------------------------------------------------------------------
+
+
+def _kept(run: Path, after: int) -> list[tuple[int, int]]:
+    import pandas as pd
+
+    sel = pd.concat(pd.read_parquet(p) for p in sorted((run / "selection").glob("*.parquet")))
+    sel = sel[sel.step >= after]
+    return sorted(map(tuple, sel[sel.kept][["step", "uid"]].values.tolist()))
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("crash") / "noisy"
+    write_digit_shards(d, n_shards=4, per_shard=128, seed=2, noise=0.4)
+    return d
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("stage,history,workers", [(2, "memory", 2), (3, "ema", 0)])
+def test_sigkill_between_checkpoints_then_resume_is_exact(noisy, tmp_path, stage, history, workers):
+    """The whole tree killed mid-epoch, between two periodic checkpoints: the resumed run
+    reproduces the uninterrupted one (losses, lr, selected uids) from its checkpoint on.
+    With loader workers, their augmentation seeds must not come from the training RNG."""
+    common = ["-m", "pipeline.train", "--config", CONFIG, f"data.train={noisy}", f"data.workers={workers}",
+              f"deepspeed.zero_stage={stage}", "selection.method=dissect",
+              f"selection.history={history}", "selection.ratio=0.5", "data.batch_size=16",
+              "selection.warmup_steps=4", "optim.epochs=3", "optim.warmup_steps=3",
+              "log.every_steps=1", "eval.at_end=false", "log.tensorboard=false",
+              "checkpoint.every_steps=10", "checkpoint.resume=latest"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    p = run_cmd([*torchrun(2), *common, f"run.dir={straight}"], timeout=200)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    # 8 steps an epoch: the checkpoint at step 10 is mid-epoch; kill a few steps after it
+    log = tmp_path / "crashed.log"
+    proc = start_cmd([*torchrun(2), *common, f"run.dir={crashed}"], log)
+    try:
+        deadline = time.time() + 200
+        while time.time() < deadline:
+            rows = train_rows(crashed) if (crashed / "metrics.jsonl").is_file() else []
+            if rows and rows[-1]["step"] >= 13:
+                break
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.05)
+        kill_tree(proc.pid)  # SIGKILL, ranks first: a node lost, or a preemption without grace
+        proc.wait(timeout=30)
+    finally:
+        stop_tree(proc.pid)
+    resumed_at = int((crashed / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert resumed_at in (10, 20), resumed_at
+    p = run_cmd([*torchrun(2), *common, f"run.dir={crashed}"], timeout=200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"at step {resumed_at}" in p.stderr
+
+    a = {r["step"]: r for r in train_rows(straight)}
+    b = {r["step"]: r for r in train_rows(crashed)}
+    assert sorted(b) == sorted(a) == list(range(1, 25))
+    for step in range(resumed_at + 1, 25):
+        assert abs(a[step]["loss"] - b[step]["loss"]) < 1e-5, (step, a[step]["loss"], b[step]["loss"])
+        assert a[step]["lr"] == pytest.approx(b[step]["lr"], rel=1e-9)
+    assert _kept(straight, resumed_at) == _kept(crashed, resumed_at)
