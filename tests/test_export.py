@@ -9,6 +9,7 @@ process, with no process group.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -150,3 +151,58 @@ def test_export_without_checkpoints_fails_cleanly(tmp_path, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err
     assert _export(tmp_path / "nope", tmp_path / "m.pt") == 2
     assert "config.yaml" in capsys.readouterr().err
+
+
+# --- the README's way to load an export, verbatim, in a fresh interpreter ----------------------
+
+
+def readme_export_snippet() -> str:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    after = text.split("<!-- export-snippet", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def _run_snippet(export_dir: Path, cwd: Path) -> str:
+    """The README block with its example path pointed at ``export_dir``, in a new Python."""
+    code = readme_export_snippet()
+    assert '"local-dir:exports/demo"' in code
+    code = code.replace("exports/demo", str(export_dir))
+    p = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_folder_export_loads_as_the_readme_says(zero0_run, tmp_path):
+    """A configs/models model (tiny-vit): export folder -> README snippet in a fresh Python,
+    started outside the repository; dissect-eval reads the folder too."""
+    out = tmp_path / "exports" / "tiny"
+    assert _export(zero0_run, out) == 0
+    assert {p.name for p in out.iterdir()} == {"open_clip_config.json", "open_clip_pytorch_model.bin"}
+    assert "similarity" in _run_snippet(out, cwd=tmp_path)
+    want = _features(zero0_run / "model.pt")
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    model.eval()
+    imgs, _ = digits()
+    batch = torch.stack([preprocess(Image.fromarray((imgs[i] * 15).astype(np.uint8))) for i in range(8)])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(batch, normalize=True), want[0], atol=1e-6, rtol=1e-5)
+    assert _export(zero0_run, out) == 0  # a second export replaces the first
+    blocker = tmp_path / "not-an-export"
+    blocker.mkdir()
+    (blocker / "keep.txt").write_text("mine")
+    assert _export(zero0_run, blocker) == 2 and (blocker / "keep.txt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_builtin_vit_b32_export_folder_loads_as_the_readme_says(tmp_path):
+    """A built-in open_clip name (ViT-B-32 shape, random weights): same folder, same snippet."""
+    from pipeline.export import _open_clip_model, check_loads, write_model_dir
+
+    state = {k: v.float() for k, v in _open_clip_model("ViT-B-32").state_dict().items()}
+    out = tmp_path / "vitb32"
+    write_model_dir(out, "ViT-B-32", state)
+    check_loads(out, "ViT-B-32", state)
+    assert "similarity" in _run_snippet(out, cwd=tmp_path)
