@@ -25,8 +25,16 @@ def test_single_process_learns_and_writes_run_dir(shards, tmp_path):
     from pipeline.evaluate import main as eval_main
 
     run = tmp_path / "run"
-    run_train([f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", f"run.dir={run}",
-               "optim.lr=2e-3", "optim.epochs=5", "log.every_steps=4", "checkpoint.every_steps=40"])
+    proc = run_train([f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", f"run.dir={run}",
+                      "optim.lr=2e-3", "optim.epochs=5", "log.every_steps=4", "checkpoint.every_steps=40",
+                      "eval.every_steps=40", "log.progress_every_s=0.5"])
+    # not a terminal: progress lines (first and last step at least), readable eval lines
+    progress = [ln for ln in proc.stderr.splitlines() if ln.startswith("step ")]
+    assert progress[0].startswith("step 1/80 ") and progress[-1].startswith("step 80/80 (100%)")
+    assert all(" | loss " in ln and " samples/s | ETA " in ln for ln in progress)
+    evals = [ln for ln in proc.stderr.splitlines() if ln.startswith("eval @ step")]
+    assert len(evals) == 2 and all("zero-shot top-1" in ln and "{" not in ln for ln in evals)
+    assert "No pretrained weights loaded" not in proc.stderr and "Warning" not in proc.stderr
     for name in ("config.yaml", "ds_config.json", "metrics.jsonl", "eval.json", "model.pt", "tb", "checkpoints/latest"):
         assert (run / name).exists(), name
     rows = train_rows(run)
@@ -55,11 +63,13 @@ def test_two_ranks_every_zero_stage_with_selection(shards, tmp_path, stage, hist
     # (3, snapshot, chunk 8): ranks have different numbers of samples to score with the snapshot,
     # so they must pad their chunked forwards to run ZeRO-3's gathers in lockstep
     run = tmp_path / "run"
-    run_train([f"data.train={shards / 'noisy'}", f"data.val={shards / 'val'}", f"run.dir={run}",
+    proc = run_train([f"data.train={shards / 'noisy'}", f"data.val={shards / 'val'}", f"run.dir={run}",
                f"deepspeed.zero_stage={stage}", "selection.method=dissect", f"selection.history={history}",
                "selection.ratio=0.5", "data.batch_size=16", "selection.warmup_steps=4",
                f"selection.score_chunk={chunk}", "optim.lr=2e-3", "optim.epochs=3", "log.every_steps=2"],
               nproc=2)
+    # each warning once per job: no library deprecation notices, no per-rank duplicates
+    assert "Warning" not in proc.stderr and proc.stderr.count("built successfully") == 0, proc.stderr[-3000:]
     rows = train_rows(run)
     assert rows[-1]["step"] == 3 * 512 // (2 * 32)
     assert rows[-1]["samples_trained"] * 2 == rows[-1]["samples_seen"]
