@@ -43,13 +43,17 @@ def run_cmd(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
-def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
-    """Signal ``pid`` and every descendant (the ranks first), as a preemption would."""
+def _tree(pid: int) -> list[psutil.Process]:
+    """``pid``'s descendants (ranks first), then ``pid``; listed before any signal, since once
+    torchrun dies its ranks are re-parented and no longer found as its descendants."""
     try:
         root = psutil.Process(pid)
-        procs = [*root.children(recursive=True), root]
+        return [*root.children(recursive=True), root]
     except psutil.NoSuchProcess:
-        return
+        return []
+
+
+def _signal_all(procs: list[psutil.Process], sig: int) -> None:
     for proc in procs:
         try:
             proc.send_signal(sig)
@@ -57,28 +61,17 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
             pass
 
 
-def stop_tree(pid: int, grace: float = 5.0) -> None:
-    """SIGTERM to ``pid`` and every descendant, then SIGKILL to whatever is left after ``grace`` s.
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal ``pid`` and every descendant (the ranks first), as a preemption would."""
+    _signal_all(_tree(pid), sig)
 
-    The tree is listed before the first signal: once torchrun dies its ranks are re-parented
-    and could no longer be found as its descendants.
-    """
-    try:
-        root = psutil.Process(pid)
-        procs = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:
-        return
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
+
+def stop_tree(pid: int, grace: float = 5.0) -> None:
+    """SIGTERM to ``pid`` and every descendant, then SIGKILL to whatever is left after ``grace`` s."""
+    procs = _tree(pid)
+    _signal_all(procs, signal.SIGTERM)
     _, alive = psutil.wait_procs(procs, timeout=grace)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
+    _signal_all(alive, signal.SIGKILL)
     psutil.wait_procs(alive, timeout=grace)
 
 
