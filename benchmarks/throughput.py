@@ -27,9 +27,9 @@ import torch
 
 import pipeline  # noqa: F401
 from pipeline.config import config_from_dict
-from pipeline.dist import init_distributed
+from pipeline.dist import DistInfo, init_distributed
 from pipeline.model import build_model
-from pipeline.trainer import StepRunner, TrainState
+from pipeline.trainer import StepRunner
 
 
 def make_batch(n: int, image_size: int, ctx: int, uid0: int, device, gen) -> dict:
@@ -43,7 +43,7 @@ def make_batch(n: int, image_size: int, ctx: int, uid0: int, device, gen) -> dic
     }
 
 
-def bench_method(method: str, args, dist) -> dict:
+def bench_method(method: str, args: argparse.Namespace, dist: DistInfo) -> dict:
     b, r = args.batch, args.ratio
     B = int(round(b / r))
     sel, history = (method.split(":") + ["memory"])[:2]
@@ -71,7 +71,6 @@ def bench_method(method: str, args, dist) -> dict:
     # uids cycle over what warm-up saw, so memory/snapshot read real stored scores afterwards
     pool = max(1, args.warmup) * W * loaded
     runner = StepRunner(cfg, dist, bundle.model, total, store_size=pool, steps_per_epoch=total)
-    state = TrainState()
     gen = torch.Generator().manual_seed(dist.rank)
     batches = [make_batch(loaded, image_size, bundle.context_length, 0, runner.engine.device, gen)
                for _ in range(2)]
@@ -81,7 +80,7 @@ def bench_method(method: str, args, dist) -> dict:
         uid0 = (step * W + dist.rank) * loaded % pool
         batch["uid"] = torch.arange(uid0, uid0 + loaded, dtype=torch.int64)
         t0 = time.perf_counter()
-        m = runner.step(batch, state)
+        m = runner.step(batch, step, epoch=0)
         dt = time.perf_counter() - t0
         if step >= args.warmup:
             times.append(dt)

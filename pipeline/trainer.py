@@ -25,6 +25,7 @@ from pipeline import checkpoint as ckpt
 from pipeline.collectives import all_reduce_sum
 from pipeline.config import Config, ConfigError, save_config
 from pipeline.data import (
+    SKIP_REASONS,
     EpochPlan,
     StreamSpec,
     count_samples,
@@ -33,16 +34,12 @@ from pipeline.data import (
     max_uid,
     zeroshot_meta,
 )
-from pipeline.dist import barrier, broadcast_object, init_distributed
+from pipeline.dist import DistInfo, barrier, broadcast_object, init_distributed
 from pipeline.engine import Engine, write_ds_config
 from pipeline.evaluate import describe, evaluate_sets
 from pipeline.metrics import make_sink, truncate_metrics_after
 from pipeline.model import build_model, check_model_name
 from pipeline.selection import Selector
-
-# reasons a sample is skipped (pipeline/data/loader.py); summed over ranks every step
-SKIP_REASONS = ("no_image", "no_json", "bad_json", "bad_uid", "empty_caption", "bad_image",
-                "unreadable_tar", "truncated_tar")
 
 
 class TrainingError(RuntimeError):
@@ -83,15 +80,17 @@ class TrainState:
         self.samples_seen = 0
         self.samples_trained = 0
         self.raw_pos: dict[int, int] = {}  # logical worker -> raw samples consumed this epoch
-        self.bad_steps = 0
-        self.skipped: dict[str, int] = {}
+        self.bad_steps = 0  # steps in a row that trained nothing (non-finite loss)
+        self.skipped: dict[str, int] = {}  # skip reason -> samples, summed over ranks
 
     def advance(self, seen: int, trained: int) -> None:
-        """One step done: ``seen`` samples loaded (all ranks), ``trained`` of them trained on."""
+        """One step done: ``seen`` samples loaded (all ranks), ``trained`` of them trained on
+        (0: a non-finite loss skipped backward/step, one more bad step in a row)."""
         self.step += 1
         self.step_in_epoch += 1
         self.samples_seen += seen
         self.samples_trained += trained
+        self.bad_steps = 0 if trained else self.bad_steps + 1
 
     def next_epoch(self) -> None:
         self.epoch += 1
@@ -116,24 +115,27 @@ def seed_everything(seed: int) -> None:
 class StepRunner:
     """One training step on a loaded super-batch: select -> forward -> loss -> backward/step.
 
-    Separate from the loop so benchmarks time exactly what training runs.
+    Separate from the loop so benchmarks time exactly what training runs. It keeps no counters:
+    the caller says which step and epoch this is, and advances its own `TrainState`.
     """
 
-    def __init__(self, cfg: Config, dist, model: torch.nn.Module, total_steps: int,
+    def __init__(self, cfg: Config, dist: DistInfo, model: torch.nn.Module, total_steps: int,
                  store_size: int, steps_per_epoch: int):
         self.cfg, self.dist = cfg, dist
         self.engine = Engine(cfg, model, total_steps)
         self.loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=dist.rank,
                                 world_size=dist.world_size)
-        self.selector = None
+        self.selector: Selector | None = None
         if cfg.selection.method != "none":
             self.selector = Selector(cfg, self.engine, dist, store_size, steps_per_epoch)
 
-    def step(self, batch: dict, s: TrainState) -> dict:
+    def step(self, batch: dict, step: int, epoch: int) -> dict:
+        """The step's metrics; ``train/skipped_nonfinite`` among them when a non-finite loss (on
+        any rank) skipped backward/step on every rank."""
         W = self.dist.world_size
         metrics: dict = {}
         if self.selector is not None:
-            batch, sel_stats = self.selector.select(batch, s.step, s.epoch)
+            batch, sel_stats = self.selector.select(batch, step, epoch)
             metrics.update(sel_stats)
         t0 = time.perf_counter()
         img, txt, scale = self.engine.forward(batch["images"], batch["tokens"])
@@ -148,8 +150,7 @@ class StepRunner:
             torch.cuda.synchronize()
         metrics["perf/train_s"] = time.perf_counter() - t0
         if self.selector is not None:
-            self.selector.after_step(s.step)
-        s.advance(seen=W * self.cfg.super_batch_size, trained=W * self.cfg.data.batch_size if ok else 0)
+            self.selector.after_step(step)
         metrics.update(loss=float(loss.detach().float().item()),
                        logit_scale=float(scale.detach().float().item()))
         return metrics
@@ -173,6 +174,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self._t_start = 0.0  # wall clock at the start of train(): metrics' time_s counts from it
         self._last_progress = 0.0  # when _progress_line last printed
+        self._bar = None  # rank 0's tqdm bar on a terminal, from the start of train()
         self.start_step = 0  # the step this process started training at (resume)
 
         # epoch geometry: every rank loads B = b / r samples per step
@@ -285,35 +287,57 @@ class Trainer:
             t = time.perf_counter()
             for batch in make_loader(self.spec, plan):
                 yield batch, time.perf_counter() - t
+                if s.step >= self.total_steps:  # optim.max_steps may end the run mid-epoch
+                    return
                 t = time.perf_counter()
             s.next_epoch()
 
     def train(self) -> dict:
-        """load -> select -> forward/loss -> backward/step -> log/eval/save, until the last step."""
-        cfg, s = self.cfg, self.state
+        """Every remaining step, then the final evaluation, checkpoint and weights."""
         if self.done is not None:
             self._print(f"{self.run_dir} already finished at step {self.saved_step}; nothing to train "
                         f"(its result: {self.run_dir / 'eval.json'})")
             return self.done
         self._t_start = time.time()
-        bar = self._progress_bar()
+        self._bar = self._progress_bar()
         self.engine.train()
         for batch, data_s in self._batches():
-            self._account_data(batch)
-            metrics = self.train_step(batch)
-            metrics["perf/data_s"] = data_s
-            self._after_step(metrics, bar)
-            if s.step >= self.total_steps:
-                break
-            if s.step == cfg.run.stop_after_steps:
-                self.save_checkpoint()
-                self._print(f"stopping at step {s.step} (run.stop_after_steps); resume with "
-                            "checkpoint.resume=latest")
-                self.sink.close()
-                return {"step": s.step, "stopped": True}
-        if bar is not None:
-            bar.close()
+            self._step(batch, data_s)
+            if self.state.step == self.cfg.run.stop_after_steps and self.state.step < self.total_steps:
+                return self._stop()
+        if self._bar is not None:
+            self._bar.close()
         return self.finish()
+
+    def _step(self, batch: dict, data_s: float) -> None:
+        """One step on every rank: load -> select -> forward/loss -> backward/step -> log/eval/save."""
+        cfg, s, W = self.cfg, self.state, self.dist.world_size
+        self._account_data(batch)  # load: the data position, skipped samples summed over ranks
+        metrics = self.stepper.step(batch, s.step, s.epoch)  # select -> forward/loss -> backward/step
+        trained = "train/skipped_nonfinite" not in metrics
+        s.advance(seen=W * self.B, trained=W * cfg.data.batch_size if trained else 0)
+        if s.bad_steps >= cfg.optim.max_bad_steps:
+            raise TrainingError(
+                f"{s.bad_steps} non-finite losses in a row at step {s.step}; the last good "
+                f"checkpoint is {ckpt.latest_tag(self.ckpt_dir)}; lower optim.lr or check the data"
+            )
+        metrics["perf/data_s"] = data_s
+        self._show_progress(metrics)
+        last = s.step >= self.total_steps
+        if s.step % cfg.log.every_steps == 0 or last or s.step == 1:
+            self.log(metrics)
+        if cfg.eval.every_steps and s.step % cfg.eval.every_steps == 0 and not last:
+            self.evaluate()
+        if cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0 and not last:
+            self.save_checkpoint()
+
+    def _stop(self) -> dict:
+        """run.stop_after_steps: checkpoint and exit, as a preempted job would."""
+        self.save_checkpoint()
+        self._print(f"stopping at step {self.state.step} (run.stop_after_steps); resume with "
+                    "checkpoint.resume=latest")
+        self.sink.close()
+        return {"step": self.state.step, "stopped": True}
 
     def _account_data(self, batch: dict) -> None:
         """Track the data position and skipped samples; stop when too many are undecodable.
@@ -339,34 +363,12 @@ class Trainer:
                     f"{self.cfg.data.max_skip_frac}) by reason {s.skipped}; bad shards: {shards}"
                 )
 
-    def train_step(self, batch: dict) -> dict:
-        s = self.state
-        metrics = self.stepper.step(batch, s)
-        if metrics.get("train/skipped_nonfinite"):
-            s.bad_steps += 1
-            if s.bad_steps >= self.cfg.optim.max_bad_steps:
-                raise TrainingError(
-                    f"{s.bad_steps} non-finite losses in a row at step {s.step}; the last good "
-                    f"checkpoint is {ckpt.latest_tag(self.ckpt_dir)}; lower optim.lr or check the data"
-                )
-        else:
-            s.bad_steps = 0
-        return metrics
-
-    def _after_step(self, metrics: dict, bar) -> None:
-        cfg, s = self.cfg, self.state
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", ep=s.epoch)
+    def _show_progress(self, metrics: dict) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{metrics['loss']:.3f}", ep=self.state.epoch)
         else:
             self._progress_line(metrics)
-        last = s.step >= self.total_steps
-        if s.step % cfg.log.every_steps == 0 or last or s.step == 1:
-            self.log(metrics)
-        if cfg.eval.every_steps and s.step % cfg.eval.every_steps == 0 and not last:
-            self.evaluate()
-        if cfg.checkpoint.every_steps and s.step % cfg.checkpoint.every_steps == 0 and not last:
-            self.save_checkpoint()
 
     def log(self, metrics: dict) -> None:
         s, W = self.state, self.dist.world_size
@@ -383,26 +385,8 @@ class Trainer:
         }
         row.update({f"data/skipped/{k}": v for k, v in s.skipped.items()})
         self.sink.log(row, s.step)
-        if self.selector is not None and self.dist.is_main:
-            for tag, vals in self.selector.histograms().items():
-                self.sink.histogram(tag, vals, s.step)
-            self._flush_selection_log()
-        every = self.cfg.selection.grid_every_steps
-        if self.selector is not None and every and s.step % every == 0 and self.dist.is_main:
-            grid = self.selector.rejected_grid()
-            if grid is not None:
-                self.sink.image("select/most_rejected", grid[0], s.step)
-                self.sink.text("select/most_rejected_captions", "\n\n".join(grid[1]), s.step)
-
-    def _flush_selection_log(self) -> None:
-        rows = self.selector.log_rows
-        if not rows:
-            return
-        import pandas as pd
-
-        df = pd.DataFrame({k: np.concatenate([r[k] for r in rows]) for k in rows[0]})
-        df.to_parquet(self.run_dir / "selection" / f"part-{self.state.step:08d}.parquet", index=False)
-        rows.clear()
+        if self.selector is not None:
+            self.selector.report(self.sink, s.step)
 
     def evaluate(self) -> dict:
         cfg = self.cfg

@@ -1,6 +1,7 @@
 """Shard listing, webdataset stages and per-rank super-batch loaders."""
 
 from pipeline.data.loader import (  # noqa: F401
+    SKIP_REASONS,
     EpochPlan,
     ShardStream,
     SkipSample,

@@ -43,11 +43,19 @@ from pipeline.config import ConfigError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
+# Why samples are skipped: the metrics keys data/skipped/<reason>, summed over ranks every step.
+# Per sample (SkipSample, from decode_sample) ...
+SAMPLE_SKIP_REASONS = ("no_image", "no_json", "bad_json", "bad_uid", "empty_caption", "bad_image")
+# ... and per shard (SkipCounter: a shard that cannot be read, or is cut short)
+SHARD_SKIP_REASONS = ("unreadable_tar", "truncated_tar")
+SKIP_REASONS = SAMPLE_SKIP_REASONS + SHARD_SKIP_REASONS
+
 
 class SkipSample(Exception):
-    """A sample that cannot be used; ``reason`` is the metrics key (data/skipped/<reason>)."""
+    """A sample that cannot be used; ``reason`` (one of SAMPLE_SKIP_REASONS) is the metrics key."""
 
     def __init__(self, reason: str, detail: str = ""):
+        assert reason in SAMPLE_SKIP_REASONS, reason
         super().__init__(detail or reason)
         self.reason = reason
 
@@ -143,6 +151,7 @@ class SkipCounter:
         self.by_shard: Counter = Counter()  # url -> samples (or shard errors) skipped
         self.url = "?"  # the shard being read
         self.read = 0  # raw samples read from tars
+        self.pass_id = 0  # the pass over the shards that the current one belongs to
         self._shard_failed = False
 
     def track(self, src: Iterable[dict], stall_after: int, where: str) -> Iterator[dict]:
@@ -166,10 +175,11 @@ class SkipCounter:
         """Count samples read, tagging each with the pass its shard belongs to."""
         for s in samples:
             self.read += 1
-            s["__pass__"] = getattr(self, "pass_id", 0)
+            s["__pass__"] = self.pass_id
             yield s
 
     def _shard_error(self, reason: str, detail: str) -> None:
+        assert reason in SHARD_SKIP_REASONS, reason
         if self._shard_failed:  # one broken shard raises in several webdataset stages
             return
         self._shard_failed = True
@@ -320,6 +330,13 @@ class ShardStream(torch.utils.data.IterableDataset):
             samples = shuffle_within_passes(samples, sp.shuffle_buffer, (sp.seed, plan.epoch, sp.rank, logical, 11))
         position = [0]
         samples = skip_raw(samples, plan.raw_pos.get(logical, 0), position)
+
+        def batch_of(items: list[dict]) -> dict:
+            batch = collate(items, sp.tokenizer)
+            batch.update(worker=logical, raw_pos=position[0], skipped=counter.take(),
+                         bad_shards=counter.worst_shards())
+            return batch
+
         items: list[dict] = []
         produced = 0
         for raw in samples:
@@ -335,19 +352,13 @@ class ShardStream(torch.utils.data.IterableDataset):
                 counter.skip(s.reason, raw.get("__url__", "?"))
                 continue
             if len(items) == sp.batch_size:
-                batch = collate(items, sp.tokenizer)
-                batch.update(worker=logical, raw_pos=position[0], skipped=counter.take(),
-                             bad_shards=counter.worst_shards())
-                yield batch
+                yield batch_of(items)
                 items = []
                 produced += 1
                 if produced == n_batches:
                     return
         if items and not sp.shuffle:  # evaluation keeps the last partial batch
-            batch = collate(items, sp.tokenizer)
-            batch.update(worker=logical, raw_pos=position[0], skipped=counter.take(),
-                         bad_shards=counter.worst_shards())
-            yield batch
+            yield batch_of(items)
 
 
 def _identity(batch_list):
