@@ -5,12 +5,12 @@ Submodules are imported lazily by their users; importing this package is cheap a
 pins the environment img2dataset expects (no update check, no Hugging Face network calls).
 """
 
-import os
-
 # img2dataset imports albumentations (which phones home for updates) and, through wandb and
-# friends, huggingface_hub. Both must stay offline: set these before anything imports them.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# friends, huggingface_hub. Both must stay offline: the defaults are set before anything
+# imports them, from the one table both packages share (pipeline._env imports no torch).
+from pipeline import _env
+
+_env.set_defaults()
 
 
 class DataPrepError(ValueError):

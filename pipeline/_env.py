@@ -9,7 +9,8 @@ Each is a default: a value already in the environment wins.
   environment (``.venv/torch_extensions``), so that one checkout's cache, or a build killed
   midway in it, can never block another checkout's runs (the default, ~/.cache/torch_extensions,
   is shared by every project of the user). Outside a virtual environment torch's default stays.
-- ``DS_ACCELERATOR`` is set by `pipeline.engine` (it needs torch to know whether CUDA is there).
+- ``DS_ACCELERATOR``: cuda where torch sees a GPU, else cpu; `pipeline.engine` calls
+  `set_accelerator` before it imports deepspeed (only torch knows whether CUDA is there).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def set_defaults() -> None:
     ext = extensions_dir()
     if ext is not None:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ext))
+
+
+def set_accelerator(cuda: bool) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
 
 
 def die_with_parent() -> None:

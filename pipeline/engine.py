@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
+from pipeline import _env
 from pipeline.config import Config
 from pipeline.model import param_groups
 
-os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+_env.set_accelerator(torch.cuda.is_available())
 import deepspeed  # noqa: E402
 from deepspeed.utils import logger as _ds_logger  # noqa: E402
 

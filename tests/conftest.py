@@ -3,9 +3,10 @@ import sys
 import uuid
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# first: the environment defaults (pipeline._env) and the torchvision compat shim, before
+# anything imports open_clip, img2dataset or deepspeed
+import pipeline  # noqa: F401
+
 # Every process the suite starts inherits this marker; at the end no `pipeline.train` process
 # carrying it may be alive (pytest_sessionfinish below).
 SUITE_MARK = "DISSECT_TEST_SUITE"
@@ -13,8 +14,6 @@ os.environ.setdefault(SUITE_MARK, uuid.uuid4().hex)
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
-
-import pipeline  # noqa: E402,F401  (torchvision compat shim before anything imports open_clip)
 
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
