@@ -18,12 +18,16 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pipeline.config import ConfigError
 from pipeline.dist import DistInfo, barrier
+
+if TYPE_CHECKING:  # importing pipeline.engine imports deepspeed; checkpoint paths alone need neither
+    from pipeline.engine import Engine
 
 COMPLETE = "COMPLETE"
 
@@ -94,7 +98,7 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tags[-1] if tags else None
 
 
-def save(engine, ckpt_dir: Path, step: int, states: dict, dist: DistInfo, keep: int) -> str:
+def save(engine: Engine, ckpt_dir: Path, step: int, states: dict, dist: DistInfo, keep: int) -> str:
     """All ranks call this. ``states``: name -> object with state_dict(), or plain data."""
     tag = tag_for(step)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +151,7 @@ def resolve(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
     return p.parent, p.name
 
 
-def load(engine, where: tuple[Path, str], dist: DistInfo) -> dict:
+def load(engine: Engine, where: tuple[Path, str], dist: DistInfo) -> dict:
     """Load DeepSpeed state and return this rank's state dict (trainer, selector, rng ...)."""
     parent, tag = where
     engine.load(parent, tag)
