@@ -7,13 +7,13 @@ from distutil import run_ranks
 from pipeline.selection.topk import apply_rebalance, global_topk, plan_rebalance
 
 
-def test_topk_breaks_ties_by_uid():
+def test_topk_breaks_ties_by_the_tie_vector():
     key = torch.tensor([1.0, 2.0, 2.0, 0.5, 2.0])
-    uid = torch.tensor([10, 4, 3, 1, 7])
-    mask = global_topk(key, uid, 2)
-    assert set(uid[mask].tolist()) == {3, 4}
-    mask = global_topk(key, uid, 2, largest=False)
-    assert set(uid[mask].tolist()) == {1, 10}
+    tie = torch.tensor([4, 1, 3, 0, 2])
+    mask = global_topk(key, tie, 2)
+    assert mask.nonzero().flatten().tolist() == [1, 4]  # the 2.0s with the smallest tie draws
+    mask = global_topk(key, tie, 2, largest=False)
+    assert mask.nonzero().flatten().tolist() == [0, 3]
 
 
 @pytest.mark.parametrize("world,B,b", [(2, 8, 2), (3, 6, 3), (4, 10, 2)])

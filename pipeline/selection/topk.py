@@ -17,18 +17,26 @@ import torch
 from pipeline.collectives import all_to_all_rows
 
 
-def global_topk(key_G: torch.Tensor, uid_G: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
-    """Bool mask [G] of the k rows with the largest (or smallest) key; ties break by smaller uid."""
+def global_topk(key_G: torch.Tensor, tie_G: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+    """Bool mask [G] of the k rows with the largest (or smallest) key; ties break by smaller tie_G.
+
+    The selector passes a seeded random permutation as ``tie_G`` (the same on every rank), never
+    the uid: uid order follows the url list, so breaking ties by uid would keep one end of it.
+    """
     G = key_G.numel()
     assert 0 < k <= G, (k, G)
     key = key_G.detach().double().cpu()
-    uid = uid_G.detach().cpu()
-    by_uid = torch.argsort(uid, stable=True)
-    order = torch.argsort(key[by_uid], descending=largest, stable=True)
-    chosen = by_uid[order[:k]]
+    by_tie = torch.argsort(tie_G.detach().cpu(), stable=True)
+    order = torch.argsort(key[by_tie], descending=largest, stable=True)
+    chosen = by_tie[order[:k]]
     mask = torch.zeros(G, dtype=torch.bool)
     mask[chosen] = True
     return mask
+
+
+def tie_draw(G: int, gen: torch.Generator) -> torch.Tensor:
+    """A random permutation of the G rows used to break key ties; seeded, so equal on every rank. [G]"""
+    return torch.randperm(G, generator=gen)
 
 
 @dataclass
