@@ -30,7 +30,9 @@ def _check(ok: bool, name: str, allowed: str, got: Any) -> None:
         raise ConfigError(f"{name} must be {allowed}, got {got!r}")
 
 
-SELECTION_METHODS = ("none", "random", "clipscore", "small_loss", "big_loss", "dissect")
+SELECTION_METHODS = ("none", "random", "clipscore", "small_loss", "big_loss", "dissect", "dissect_z",
+                     "filter_random", "oracle")
+BALANCE_MODES = ("none", "clusters")
 HISTORY_SOURCES = ("memory", "snapshot", "ema", "score_ema")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -123,6 +125,8 @@ class SelectionConfig:
     store_size: int = 0  # score store entries (max uid + 1); 0: from the train manifest
     log_samples: bool = True  # per-sample (uid, s, h, d, kept) parquet under selection/
     grid_every_steps: int = 0  # image grid of the most-rejected pairs in TensorBoard; 0: off
+    balance: str = "none"  # none | clusters: each caption cluster keeps its share of the kept set
+    clusters: int = 16  # balance=clusters: K online k-means centroids of text features
 
     def __post_init__(self):
         _check(self.method in SELECTION_METHODS, "selection.method", f"one of {SELECTION_METHODS}", self.method)
@@ -135,6 +139,10 @@ class SelectionConfig:
         _check(self.score_chunk > 0, "selection.score_chunk", "a positive integer", self.score_chunk)
         _check(self.store_size >= 0, "selection.store_size", "a non-negative integer", self.store_size)
         _check(self.grid_every_steps >= 0, "selection.grid_every_steps", "a non-negative integer", self.grid_every_steps)
+        _check(self.balance in BALANCE_MODES, "selection.balance", f"one of {BALANCE_MODES}", self.balance)
+        _check(self.clusters >= 1, "selection.clusters", "a positive integer", self.clusters)
+        _check(self.balance == "none" or self.method != "none", "selection.balance",
+               "none when selection.method is none (nothing is selected)", self.balance)
 
 
 @dataclass

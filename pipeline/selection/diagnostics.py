@@ -1,8 +1,13 @@
-"""Selection diagnostics: noise AUC, kept-label entropy, the most-rejected pairs grid."""
+"""Selection diagnostics: noise AUC, kept-label entropy, the most-rejected pairs grid, and the
+report that writes them (step scalars, TensorBoard histograms and image, parquet sample log).
+
+Shapes: B super-batch rows per rank, G = W * B gathered rows (rank-major).
+"""
 
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -72,3 +77,89 @@ def rejected_grid(images_NCHW: torch.Tensor, captions: list[str], n: int = 8) ->
         text = "\n".join(textwrap.wrap(captions[i] if i < len(captions) else "", 20)[:3])
         draw.text((i * tile + 2, tile + 2), text, fill="black")
     return np.asarray(canvas)
+
+
+def step_stats(g, key_G: torch.Tensor, kept_G: torch.Tensor, largest: bool, warm: bool, scored: bool) -> dict:
+    """The select/* scalars of one step (``g``: the step's Gathered rows)."""
+    stats = {"select/warmup": float(warm), "select/kept_frac": float(kept_G.float().mean())}
+    if g.noisy.any():
+        stats["select/superbatch_noisy_frac"] = float(g.noisy.float().mean())
+        stats["select/kept_noisy_frac"] = float(g.noisy[kept_G].float().mean())
+        stats["select/noise_auc"] = noise_auc(key_G, g.noisy, largest)
+    if (g.label >= 0).any():
+        stats["select/kept_label_entropy"] = kept_label_entropy(g.label, kept_G)
+    if scored:
+        stats["select/s_mean"] = float(g.s.mean())
+    return stats
+
+
+class SelectionReport:
+    """What selection shows beyond the step scalars; only the main rank records and writes.
+
+    ``record`` keeps the last step (histograms, most-rejected grid) and appends per-sample rows;
+    ``write(sink, step)`` (at log time) sends histograms, the grid every ``grid_every`` steps,
+    and flushes the rows to ``log_dir/part-<step>.parquet``.
+    """
+
+    def __init__(self, log_dir: Path, is_main: bool, log_samples: bool, grid_every: int):
+        self.log_dir, self.is_main = Path(log_dir), is_main
+        self.log_samples, self.grid_every = log_samples, grid_every
+        self.last: dict | None = None
+        self.rows: list[dict] = []
+
+    def record(self, step: int, epoch: int, g, key_G: torch.Tensor, kept_G: torch.Tensor, largest: bool,
+               warm: bool, batch: dict) -> None:
+        if not self.is_main:
+            return
+        self.last = {"g": g, "key": key_G, "kept": kept_G, "largest": largest, "batch": batch}
+        if self.log_samples:
+            G = g.uid.numel()
+            self.rows.append({
+                "step": np.full(G, step, dtype=np.int64), "epoch": np.full(G, epoch, dtype=np.int32),
+                "uid": g.uid.numpy(), "s": g.s.numpy(), "h": g.h.numpy(), "d": key_G.float().numpy(),
+                "kept": kept_G.numpy(), "noisy": g.noisy.numpy(), "warmup": np.full(G, warm),
+            })
+
+    def histograms(self) -> dict:
+        if self.last is None:
+            return {}
+        g = self.last["g"]
+        return {"select/hist_s": g.s.numpy(), "select/hist_h": g.h.numpy(),
+                "select/hist_key": self.last["key"].float().numpy()}
+
+    def rejected(self, n: int = 8):
+        """(HWC image, captions) of this rank's most-rejected pairs in the last step, or None."""
+        if self.last is None:
+            return None
+        g, batch = self.last["g"], self.last["batch"]
+        key = self.last["key"][g.mine()].double()
+        kept = self.last["kept"][g.mine()]
+        key = key if self.last["largest"] else -key
+        key[kept] = float("inf")
+        order = torch.argsort(key)[: min(n, int((~kept).sum()))]
+        if len(order) == 0:
+            return None
+        imgs = batch["images"][order.to(batch["images"].device)]
+        caps = [batch["captions"][i] for i in order.tolist()]
+        return rejected_grid(imgs, caps, n), caps
+
+    def flush(self, step: int) -> None:
+        if not self.rows:
+            return
+        import pandas as pd
+
+        df = pd.DataFrame({k: np.concatenate([r[k] for r in self.rows]) for k in self.rows[0]})
+        df.to_parquet(self.log_dir / f"part-{step:08d}.parquet", index=False)
+        self.rows.clear()
+
+    def write(self, sink, step: int) -> None:
+        if not self.is_main:
+            return
+        for tag, vals in self.histograms().items():
+            sink.histogram(tag, vals, step)
+        self.flush(step)
+        if self.grid_every and step % self.grid_every == 0:
+            grid = self.rejected()
+            if grid is not None:
+                sink.image("select/most_rejected", grid[0], step)
+                sink.text("select/most_rejected_captions", "\n\n".join(grid[1]), step)

@@ -2,9 +2,12 @@
 
 A new method is one small function here and one line in METHODS. Inputs (G gathered rows):
     s_G        current correlation 100 * max(cos(img, txt), 0)
-    h_G        historical correlation (dissect only)
+    h_G        historical correlation (methods with needs_h: dissect, dissect_z)
     feats      (img_GD, txt_GD, logit_scale) gathered features (loss-based methods only)
     rand_G     uniform noise drawn identically on every rank
+    cluster_G  caption cluster of each row (selection.balance=clusters), else None
+    noisy_G    ground-truth noisy flag, given only to a method with needs_truth (the oracle):
+               no selection rule may read it, nor the labels
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ class ScoreInputs:
     feats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     rand_G: torch.Tensor | None = None
     history: str = "memory"
+    cluster_G: torch.Tensor | None = None
+    noisy_G: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,8 @@ class Method:
     largest: bool  # keep the largest keys (else the smallest)
     needs_s: bool = False
     needs_feats: bool = False
+    needs_h: bool = False  # reads a historical source (selection.history)
+    needs_truth: bool = False  # reads the ground-truth noisy flag: benchmarks only
 
 
 def correlation(img_ND: torch.Tensor, txt_ND: torch.Tensor) -> torch.Tensor:
@@ -72,10 +79,66 @@ def _dissect(x: ScoreInputs) -> torch.Tensor:
     return differential(x.s_G, x.h_G, centred=x.history != "score_ema")
 
 
+def standardise(x_G: torch.Tensor, group_G: torch.Tensor | None = None) -> torch.Tensor:
+    """(x - mean) / std over the super-batch, or within each group; 0 where the spread is 0. [G]"""
+    x = x_G.detach().double().cpu()
+    if group_G is None:
+        group_G = torch.zeros_like(x, dtype=torch.long)
+    group_G = group_G.cpu()
+    n = torch.bincount(group_G).double()
+    mean = torch.bincount(group_G, weights=x) / n.clamp_min(1)
+    var = torch.bincount(group_G, weights=x * x) / n.clamp_min(1) - mean ** 2
+    std = var.clamp_min(0).sqrt()[group_G]
+    z = (x - mean[group_G]) / std.clamp_min(1e-12)
+    return torch.where(std > 1e-9, z, torch.zeros_like(z))
+
+
+def clean_posterior(z_G: torch.Tensor, iters: int = 30) -> torch.Tensor:
+    """P(low-loss component) of each row under a two-component 1-D Gaussian mixture fitted by EM
+    (started at the quartiles), as NCR / DivideMix split clean from noisy pairs by loss. [G]"""
+    z = z_G.double()
+    mu = torch.quantile(z, torch.tensor([0.25, 0.75], dtype=torch.float64))
+    var = torch.full((2,), float(z.var().clamp_min(1e-6)) / 4, dtype=torch.float64)
+    pi = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    for _ in range(iters):
+        logp = -0.5 * (z[:, None] - mu) ** 2 / var - 0.5 * var.log() + pi.log()
+        resp = torch.softmax(logp, dim=1)
+        nk = resp.sum(0).clamp_min(1e-9)
+        pi = (nk / nk.sum()).clamp_min(1e-6)
+        mu = (resp * z[:, None]).sum(0) / nk
+        var = ((resp * (z[:, None] - mu) ** 2).sum(0) / nk).clamp_min(1e-6)
+    low = int(torch.argmin(mu))
+    return resp[:, low]
+
+
+def _oracle(x: ScoreInputs) -> torch.Tensor:
+    # clean rows in [1, 2), noisy in [0, 1): clean first, random order inside each
+    return (~x.noisy_G.cpu()).double() + x.rand_G.double()
+
+
+def _dissect_z(x: ScoreInputs) -> torch.Tensor:
+    # Standardising h and s separately puts them on the same scale: the published rule keeps the
+    # largest h - s, and with a weak history (h barely varies) that is "keep the lowest s", i.e.
+    # keep the noisy pairs; here h counts as much as s whatever their spreads.
+    return (standardise(x.h_G) - standardise(x.s_G)).float()
+
+
+def _filter_random(x: ScoreInputs) -> torch.Tensor:
+    # Loss standardised within each caption cluster, so an easy concept's pairs are not all
+    # called clean and a hard concept's all noisy; then random among the likely-clean, which
+    # keeps the class mix and does not favour the already-learned easy pairs as small_loss does.
+    z = standardise(per_sample_clip_loss(*x.feats), x.cluster_G)
+    clean = clean_posterior(z) > 0.5
+    return clean.double() + x.rand_G.double()
+
+
 METHODS: dict[str, Method] = {
     "random": Method(_random, largest=True),
     "clipscore": Method(_clipscore, largest=True, needs_s=True),
     "small_loss": Method(_loss, largest=False, needs_feats=True),
     "big_loss": Method(_loss, largest=True, needs_feats=True),
-    "dissect": Method(_dissect, largest=True, needs_s=True),
+    "dissect": Method(_dissect, largest=True, needs_s=True, needs_h=True),
+    "dissect_z": Method(_dissect_z, largest=True, needs_s=True, needs_h=True),
+    "filter_random": Method(_filter_random, largest=True, needs_feats=True),
+    "oracle": Method(_oracle, largest=True, needs_truth=True),
 }

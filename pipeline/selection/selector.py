@@ -1,255 +1,165 @@
 """One selection step: score the super-batch, gather, global top-k, rebalance.
 
 Shapes: B super-batch rows on this rank, b = r * B train rows, W ranks, G = W * B gathered rows
-(rank-major), D feature dim. Everything here runs under no_grad.
+(rank-major), D feature dim, K caption clusters. Everything here runs under no_grad.
 
     sel = Selector(cfg, engine, dist, store_size, steps_per_epoch)
     train_batch, stats = sel.select(batch, step)      # stats: select/* and perf/* scalars
     ... train on train_batch ...
     sel.after_step(step)                              # EMA update
+    sel.report(sink, step)                            # at log time: histograms, grid, sample log
+
+The parts, each chosen once from config: the method (methods.METHODS), the historical source
+(sources.py), the scoring forward (scoring.py), the optional caption-cluster balance
+(balance.py), and the report (diagnostics.SelectionReport).
 """
 
 from __future__ import annotations
 
+import json
+import tarfile
 import time
-from contextlib import nullcontext
+from pathlib import Path
 
-import numpy as np
 import torch
 
-from pipeline.collectives import all_gather_cat, all_reduce_max
-from pipeline.config import Config
+from pipeline.collectives import all_gather_cat
+from pipeline.config import Config, ConfigError
 from pipeline.dist import DistInfo
 from pipeline.selection import diagnostics as diag
-from pipeline.selection.history import WeightHistory
+from pipeline.selection.balance import ClusterBalance, balanced_topk, cluster_quotas, cluster_stats
 from pipeline.selection.methods import METHODS, ScoreInputs, correlation
-from pipeline.selection.store import ScoreStore
-from pipeline.selection.topk import apply_rebalance, global_topk, plan_rebalance
+from pipeline.selection.scoring import Scorer, sync
+from pipeline.selection.sources import Gathered, make_source
+from pipeline.selection.topk import apply_rebalance, global_topk, plan_rebalance, tie_draw
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def shards_carry_noisy_flag(spec) -> bool:
+    """Whether the first sample of the first train shard has the ground-truth ``noisy`` field."""
+    from pipeline.data import expand_shards
+
+    with tarfile.open(expand_shards(spec)[0]) as tf:
+        for m in tf:
+            if m.isfile() and m.name.endswith(".json"):
+                return "noisy" in json.loads(tf.extractfile(m).read())
+    return False
 
 
 class Selector:
     def __init__(self, cfg: Config, engine, dist: DistInfo, store_size: int, steps_per_epoch: int):
-        self.cfg = cfg
-        self.sc = cfg.selection
-        self.engine = engine
-        self.dist = dist
-        self.method = METHODS[self.sc.method]
-        self.b = cfg.data.batch_size
-        self.B = cfg.super_batch_size
-        self.warmup_steps = max(self.sc.warmup_steps, int(round(self.sc.warmup_epochs * steps_per_epoch)))
-        self.history = self.sc.history if self.sc.method == "dissect" else None
-        self.store = None
-        if self.history in ("memory", "snapshot", "score_ema"):
-            self.store = ScoreStore(store_size, dist.rank, dist.world_size)
-        self.weights = None
-        if self.history in ("snapshot", "ema"):
-            self.weights = WeightHistory(engine, momentum=self.sc.ema_momentum)
-        self.log_rows: list[dict] = []  # per-sample log, drained by the trainer (rank 0)
-
-    # --- scoring ----------------------------------------------------------------------------------
+        sc = self.sc = cfg.selection
+        self.cfg, self.engine, self.dist = cfg, engine, dist
+        self.method = METHODS[sc.method]
+        self.b, self.B = cfg.data.batch_size, cfg.super_batch_size
+        self.warmup_steps = max(sc.warmup_steps, int(round(sc.warmup_epochs * steps_per_epoch)))
+        if self.method.needs_truth and not shards_carry_noisy_flag(cfg.data.train):
+            raise ConfigError(
+                f"selection.method={sc.method} ranks by the ground-truth noisy flag, but the train shards "
+                f"({cfg.data.train}) carry none: it is for benchmarks on noise-injected data "
+                "(dissect-prep demo / dissect-prep noise)")
+        G = dist.world_size * self.B
+        if sc.balance == "clusters" and sc.clusters > G:
+            raise ConfigError(f"selection.clusters must be at most the global super-batch ({G} rows), "
+                              f"got {sc.clusters}")
+        self.balance = ClusterBalance(sc.clusters, cfg.run.seed) if sc.balance == "clusters" else None
+        self.source = make_source(sc.history if self.method.needs_h else None, engine, store_size,
+                                  dist.rank, dist.world_size, sc.ema_momentum, sc.score_momentum)
+        self.scorer = Scorer(engine, sc.score_chunk, cfg.deepspeed.precision)
+        self.reporter = diag.SelectionReport(Path(cfg.run.dir) / "selection", dist.is_main,
+                                             sc.log_samples, sc.grid_every_steps)
 
     def in_warmup(self, step: int) -> bool:
         return step < self.warmup_steps
-
-    def _autocast(self):
-        dev = self.engine.device
-        if dev.type == "cuda" and self.cfg.deepspeed.precision == "fp32":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
-    @torch.no_grad()
-    def _features(self, images: torch.Tensor, tokens: torch.Tensor, n_chunks: int | None = None,
-                  pad: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """Chunked no-grad forward -> (img [N, D] fp32, txt [N, D] fp32, logit_scale).
-
-        ``n_chunks`` forces the number of forwards (ZeRO-3 needs every rank to run the same
-        count); chunks beyond the data run on ``pad`` (one image, one token row) and are dropped.
-        """
-        N, c = images.shape[0], self.sc.score_chunk
-        n_chunks = n_chunks if n_chunks is not None else max(1, (N + c - 1) // c)
-        imgs, txts, scale = [], [], None
-        with self._autocast():
-            for i in range(n_chunks):
-                lo, hi = i * c, min((i + 1) * c, N)
-                if lo >= N:  # padding forward, for collective lockstep only
-                    self.engine.forward(*pad)
-                    continue
-                f_img, f_txt, scale = self.engine.forward(images[lo:hi], tokens[lo:hi])
-                imgs.append(f_img.float())
-                txts.append(f_txt.float())
-        D = imgs[0].shape[1] if imgs else 1
-        img = torch.cat(imgs) if imgs else torch.empty(0, D, device=self.engine.device)
-        txt = torch.cat(txts) if txts else torch.empty(0, D, device=self.engine.device)
-        return img, txt, scale
-
-    def _historical_s(self, batch: dict, rows: torch.Tensor) -> torch.Tensor:
-        """Correlation of the given local rows under the historical weights. [len(rows)]"""
-        n_max = all_reduce_max(len(rows))
-        if n_max == 0:
-            return torch.empty(0)
-        n_chunks = (n_max + self.sc.score_chunk - 1) // self.sc.score_chunk
-        dev_rows = rows.to(batch["images"].device)
-        pad = (batch["images"][:1], batch["tokens"][:1])
-        with self.weights.weights():
-            img, txt, _ = self._features(batch["images"][dev_rows], batch["tokens"][dev_rows], n_chunks, pad)
-        return correlation(img, txt).cpu()
 
     # --- the step ---------------------------------------------------------------------------------
 
     @torch.no_grad()
     def select(self, batch: dict, step: int, epoch: int = 0) -> tuple[dict, dict]:
-        W, rank, B, b = self.dist.world_size, self.dist.rank, self.B, self.b
-        dev = self.engine.device
+        W, B, b = self.dist.world_size, self.B, self.b
         assert batch["uid"].shape[0] == B, (batch["uid"].shape, B)
         warm = self.in_warmup(step)
-        m = self.method
-        if self.history in ("snapshot", "ema") and not warm and not self.weights.ready:
-            self.weights.snapshot()  # end of warm-up (snapshot) or the first EMA step
-        stats: dict = {}
-
-        # 1. score with the current model (only what the method or the store needs)
+        self.source.begin(warm)
         t0 = time.perf_counter()
-        need_s = (m.needs_s and not warm) or (self.history in ("memory", "score_ema"))
-        need_feats = m.needs_feats and not warm
-        s_B = torch.zeros(B)
-        feats = None
-        if need_s or need_feats:
-            img, txt, scale = self._features(batch["images"], batch["tokens"])
-            s_B = correlation(img, txt).cpu()
-            if need_feats:
-                feats = (img, txt, scale)
-        h_B = torch.zeros(B)
-        if self.history == "ema" and not warm:
-            h_B = self._historical_s(batch, torch.arange(B))
-        _sync(dev)
+        self.scorer.take_seconds()
+        scored, feats_B = self._score(batch, warm)
+        g = self._gather(batch, scored, feats_B, self.source.local_h(self.scorer, batch, warm))
+        g.h = self.source.gathered_h(self.scorer, batch, g, warm)
+        rand_G, tie_G = self._draws(step, W * B)
+        key_G, largest, cluster_G = self._key(g, feats_B, rand_G, warm)
+        if cluster_G is None:
+            kept_G = global_topk(key_G, tie_G, W * b, largest=largest)
+        else:
+            quota_K = cluster_quotas(cluster_G, self.sc.clusters, W * b)
+            kept_G = balanced_topk(key_G, tie_G, cluster_G, quota_K, largest=largest)
+        self.source.update(g, warm)
+        sync(self.engine.device)
         t1 = time.perf_counter()
+        plan = plan_rebalance(kept_G, W, b)
+        train = apply_rebalance(batch, plan, self.dist.rank, W)
+        sync(self.engine.device)
+        score_s = self.scorer.take_seconds()
+        stats = {"perf/score_s": score_s, "perf/select_s": t1 - t0 - score_s,
+                 "perf/rebalance_s": time.perf_counter() - t1, "select/moved_frac": plan.moved / float(W * b),
+                 **diag.step_stats(g, key_G, kept_G, largest, warm, scored)}
+        if cluster_G is not None:
+            stats.update(cluster_stats(cluster_G, kept_G, self.sc.clusters))
+        self.reporter.record(step, epoch, g, key_G, kept_G, largest, warm, batch)
+        return train, stats
 
-        # 2. gather (uid, s, h, noisy, label) from all ranks: one [B, 5] float64 all-gather
+    def _score(self, batch: dict, warm: bool):
+        """Current-model features of this rank's rows when anything needs them: (scored, feats)."""
+        m = self.method
+        need_feats = not warm and (m.needs_feats or self.balance is not None)
+        need_s = need_feats or self.source.needs_s(warm) or (m.needs_s and not warm)
+        if not need_s:
+            return False, None
+        return True, self.scorer.features(batch["images"], batch["tokens"])
+
+    def _gather(self, batch: dict, scored: bool, feats_B, h_B) -> Gathered:
+        """(uid, s, h, noisy, label) of every rank's rows: one [B, 5] float64 all-gather."""
+        B = self.B
+        s_B = correlation(feats_B[0], feats_B[1]).cpu() if scored else torch.zeros(B)
+        h_B = h_B if h_B is not None else torch.zeros(B)
         local = torch.stack([batch["uid"].double(), s_B.double(), h_B.double(),
                              batch["noisy"].double(), batch["label"].double()], dim=1)
-        g = all_gather_cat(local)
-        uid_G, s_G, h_G = g[:, 0].long(), g[:, 1].float(), g[:, 2].float()
-        noisy_G, label_G = g[:, 3] > 0.5, g[:, 4].long()
+        x = all_gather_cat(local)
+        return Gathered(uid=x[:, 0].long(), s=x[:, 1].float(), h=x[:, 2].float(), noisy=x[:, 3] > 0.5,
+                        label=x[:, 4].long(), rank=self.dist.rank, B=B)
 
-        # 3. historical correlation from the store
-        if self.history in ("memory", "snapshot") and not warm or self.history == "score_ema":
-            h_G, known_G = self.store.read(uid_G)
-            if self.history == "snapshot":
-                mine = slice(rank * B, (rank + 1) * B)
-                todo = torch.nonzero(~known_G[mine]).flatten()
-                t_h = time.perf_counter()
-                h_new = torch.zeros(B)
-                h_new[todo] = self._historical_s(batch, todo)
-                t1 += time.perf_counter() - t_h  # count this forward as scoring time
-                new_G = all_gather_cat(torch.stack([h_new.double(), torch.zeros(B, dtype=torch.float64).index_fill_(0, todo, 1.0)], 1))
-                fresh = new_G[:, 1] > 0.5
-                h_G = torch.where(fresh, new_G[:, 0].float(), h_G)
-                self.store.write(uid_G, h_G, only=fresh)
-                known_G = known_G | fresh
-            # never-seen samples (no warm-up pass over them): neutral h = s
-            h_G = torch.where(known_G, h_G, s_G)
+    def _draws(self, step: int, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rand_G uniform keys, tie_G permutation), seeded by (run.seed, step): equal on all ranks."""
+        gen = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + step)
+        return torch.rand(G, generator=gen), tie_draw(G, gen)
 
-        # 4. the key and the global top-k
-        if warm or self.sc.method == "random":
-            gen = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + step)
-            key_G, largest = torch.rand(W * B, generator=gen), True
-        else:
-            if feats is not None:
-                img_G = all_gather_cat(feats[0])
-                txt_G = all_gather_cat(feats[1])
-                feats = (img_G, txt_G, feats[2].detach())
-            inputs = ScoreInputs(s_G=s_G, h_G=h_G, feats=feats, history=self.history or "")
-            key_G, largest = m.score(inputs).cpu(), m.largest
-        kept_G = global_topk(key_G, uid_G, W * b, largest=largest)
-
-        # 5. store writes (owners only, no traffic)
-        if self.history == "memory" and warm:
-            self.store.write(uid_G, s_G)
-        elif self.history == "score_ema":  # upstream: h <- m h + (1 - m) s after use; h = s at first sight
-            mom = self.sc.score_momentum
-            self.store.write(uid_G, mom * h_G + (1 - mom) * s_G)
-        _sync(dev)
-        t2 = time.perf_counter()
-
-        # 6. rebalance so every rank trains exactly b
-        plan = plan_rebalance(kept_G, W, b)
-        train = apply_rebalance(batch, plan, rank, W)
-        _sync(dev)
-        t3 = time.perf_counter()
-
-        # 7. diagnostics
-        stats.update({
-            "perf/score_s": t1 - t0,
-            "perf/select_s": t2 - t1,
-            "perf/rebalance_s": t3 - t2,
-            "select/warmup": float(warm),
-            "select/kept_frac": float(kept_G.float().mean()),
-            "select/moved_frac": plan.moved / float(W * b),
-        })
-        if noisy_G.any():
-            stats["select/superbatch_noisy_frac"] = float(noisy_G.float().mean())
-            stats["select/kept_noisy_frac"] = float(noisy_G[kept_G].float().mean())
-            stats["select/noise_auc"] = diag.noise_auc(key_G, noisy_G, largest)
-        if (label_G >= 0).any():
-            stats["select/kept_label_entropy"] = diag.kept_label_entropy(label_G, kept_G)
-        if need_s:
-            stats["select/s_mean"] = float(s_G.mean())
-        self._last = {"s": s_G, "h": h_G, "key": key_G, "kept": kept_G, "uid": uid_G,
-                      "largest": largest, "batch": batch, "rank": rank, "B": B}
-        if self.sc.log_samples and self.dist.is_main:
-            self.log_rows.append({
-                "step": np.full(W * B, step, dtype=np.int64), "epoch": np.full(W * B, epoch, dtype=np.int32),
-                "uid": uid_G.numpy(), "s": s_G.numpy(), "h": h_G.numpy(), "d": key_G.float().numpy(),
-                "kept": kept_G.numpy(), "noisy": noisy_G.numpy(), "warmup": np.full(W * B, warm),
-            })
-        return train, stats
+    def _key(self, g: Gathered, feats_B, rand_G: torch.Tensor, warm: bool):
+        """(key_G, largest, cluster_G or None). Warm-up keeps a random r fraction, unbalanced."""
+        if warm:
+            return rand_G, True, None
+        m = self.method
+        txt_GD = all_gather_cat(feats_B[1]) if feats_B is not None and (m.needs_feats or self.balance is not None) else None
+        cluster_G = self.balance.assign(txt_GD) if self.balance is not None else None
+        feats = (all_gather_cat(feats_B[0]), txt_GD, feats_B[2].detach()) if m.needs_feats else None
+        inputs = ScoreInputs(s_G=g.s, h_G=g.h, feats=feats, rand_G=rand_G, history=self.source.name,
+                             cluster_G=cluster_G, noisy_G=g.noisy if m.needs_truth else None)
+        return m.score(inputs).cpu(), m.largest, cluster_G
 
     def after_step(self, step: int) -> None:
         """Called after every optimizer step."""
-        if self.history == "ema":
-            self.weights.ema_update()
+        self.source.after_step()
 
-    # --- diagnostics for the sink -----------------------------------------------------------------
-
-    def histograms(self) -> dict:
-        last = getattr(self, "_last", None)
-        if last is None:
-            return {}
-        return {"select/hist_s": last["s"].numpy(), "select/hist_h": last["h"].numpy(),
-                "select/hist_key": last["key"].float().numpy()}
-
-    def rejected_grid(self, n: int = 8):
-        """(HWC image, captions) of this rank's most-rejected pairs in the last step, or None."""
-        last = getattr(self, "_last", None)
-        if last is None:
-            return None
-        B, r = last["B"], last["rank"]
-        key = last["key"][r * B:(r + 1) * B].double()
-        kept = last["kept"][r * B:(r + 1) * B]
-        key = key if last["largest"] else -key
-        key[kept] = float("inf")
-        order = torch.argsort(key)[: min(n, int((~kept).sum()))]
-        if len(order) == 0:
-            return None
-        imgs = last["batch"]["images"][order.to(last["batch"]["images"].device)]
-        caps = [last["batch"]["captions"][i] for i in order.tolist()]
-        return diag.rejected_grid(imgs, caps, n), caps
+    def report(self, sink, step: int) -> None:
+        """At log time, on every rank (only the main rank writes): histograms of s, h and the key,
+        the most-rejected grid every selection.grid_every_steps, the per-sample parquet log."""
+        self.reporter.write(sink, step)
 
     # --- state -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {
-            "store": self.store.state_dict() if self.store is not None else None,
-            "weights": self.weights.state_dict() if self.weights is not None else None,
-        }
+        sd = {"store": None, "weights": None, **self.source.state_dict()}
+        sd["balance"] = self.balance.state_dict() if self.balance is not None else None
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
-        if self.store is not None and sd.get("store") is not None:
-            self.store.load_state_dict(sd["store"])
-        if self.weights is not None and sd.get("weights") is not None:
-            self.weights.load_state_dict(sd["weights"])
+        self.source.load_state_dict(sd)
+        if self.balance is not None and sd.get("balance") is not None:
+            self.balance.load_state_dict(sd["balance"])
