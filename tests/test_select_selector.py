@@ -273,3 +273,39 @@ def test_bad_balance_config_names_the_field(tmp_path):
         make_cfg(1, str(tmp_path), balance="stratified")
     with pytest.raises(ConfigError, match="selection.clusters"):
         make_cfg(1, str(tmp_path), balance="clusters", clusters=0)
+
+
+class ListSink:
+    def __init__(self):
+        self.calls = []
+
+    def histogram(self, tag, vals, step):
+        self.calls.append(("histogram", tag, step))
+
+    def image(self, tag, img, step):
+        self.calls.append(("image", tag, step))
+
+    def text(self, tag, txt, step):
+        self.calls.append(("text", tag, step))
+
+
+def test_report_writes_histograms_grid_and_sample_log(tmp_path):
+    import pandas as pd
+
+    (tmp_path / "selection").mkdir()
+    selector, engine = make_selector(0, 1, str(tmp_path), history="memory", log_samples=True,
+                                     grid_every_steps=3)
+    sink = ListSink()
+    for step in range(4):
+        selector.select(global_batch(step), step)
+        selector.after_step(step)
+        if step % 2 == 1:
+            selector.report(sink, step)
+    tags = {(kind, tag) for kind, tag, _ in sink.calls}
+    assert {("histogram", "select/hist_s"), ("histogram", "select/hist_h"), ("histogram", "select/hist_key"),
+            ("image", "select/most_rejected"), ("text", "select/most_rejected_captions")} <= tags
+    parts = sorted((tmp_path / "selection").glob("part-*.parquet"))
+    assert [p.name for p in parts] == ["part-00000001.parquet", "part-00000003.parquet"]
+    df = pd.concat(pd.read_parquet(p) for p in parts)
+    assert len(df) == 4 * G and (df.groupby("step").kept.sum() == K_TRAIN).all()
+    assert df[df.step < 3].warmup.all() and not df[df.step == 3].warmup.any()
