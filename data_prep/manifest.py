@@ -69,20 +69,43 @@ def brace_spec(folder: str | Path) -> str:
     return "::".join(str(folder / n) for n in names)
 
 
+def load_manifest(folder: str | Path) -> dict | None:
+    """The manifest of a shard folder as written, or None when it has none.
+
+    The one reader of the file. `read_manifest` (data_prep: the manifest must be there, and be
+    one this code wrote) and `pipeline.data.shards` (training: optional, it sizes epochs and the
+    score store; `shard_samples` and `max_uid` are all it reads) both go through it.
+    DataPrepError when the file is not valid JSON."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataPrepError(f"{path} is not valid JSON: {err}") from err
+
+
 def read_manifest(folder: str | Path) -> dict:
     """The manifest of a shard folder; DataPrepError when there is none."""
     path = Path(folder) / MANIFEST
-    if not path.is_file():
+    manifest = load_manifest(folder)
+    if manifest is None:
         raise DataPrepError(
             f"no {MANIFEST} in {folder} (build it with dissect-prep shard/demo/noise)"
         )
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataPrepError(f"{path} is not valid JSON: {err}") from err
     if manifest.get("version") != VERSION:
         raise DataPrepError(f"{path}: unknown manifest version {manifest.get('version')!r}")
     return manifest
+
+
+def shard_samples(manifest: dict) -> dict[str, int]:
+    """Shard file name -> samples in it, from the manifest's `shards` list (entries without a
+    name are passed over; `count` is accepted for `samples`, as hand-written manifests have)."""
+    counts: dict[str, int] = {}
+    for s in manifest.get("shards", []):
+        if isinstance(s, dict) and "name" in s:
+            counts[Path(s["name"]).name] = int(s.get("samples", s.get("count", 0)))
+    return counts
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> Path:

@@ -2,17 +2,19 @@
 
 A shard spec is a path, a brace pattern (``data/train/{00000..00099}.tar``) or a directory
 (every ``*.tar`` in it). data_prep writes ``manifest.json`` beside the shards with the sample
-count and the largest uid; we read it to size epochs and the score store.
+count and the largest uid; we read it, through data_prep's own reader, to size epochs and the
+score store. A manifest is optional here (tars are counted without one) and any version is read.
 """
 
 from __future__ import annotations
 
-import json
 import tarfile
 from pathlib import Path
 
 import braceexpand
 
+from data_prep import DataPrepError
+from data_prep.manifest import load_manifest, shard_samples
 from pipeline.config import ConfigError
 
 
@@ -50,20 +52,22 @@ def manifest_dirs(urls: list[str]) -> list[Path]:
 
 
 def read_manifests(urls: list[str]) -> list[dict]:
+    """The manifests of the folders holding these shards (folders without one are passed over)."""
     out = []
     for d in manifest_dirs(urls):
-        m = d / "manifest.json"
-        if m.is_file():
-            out.append(json.loads(m.read_text()))
+        try:
+            m = load_manifest(d)
+        except DataPrepError as err:
+            raise ConfigError(str(err)) from None
+        if m is not None:
+            out.append(m)
     return out
 
 
 def _shard_counts(manifests: list[dict]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for m in manifests:
-        for s in m.get("shards", []):
-            if isinstance(s, dict) and "name" in s:
-                counts[Path(s["name"]).name] = int(s.get("samples", s.get("count", 0)))
+        counts.update(shard_samples(m))
     return counts
 
 
