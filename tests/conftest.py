@@ -36,6 +36,20 @@ def _isolate_process_group_and_env():
             os.environ[k] = v
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped, saying so, where torch sees no GPU."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu); torch sees no GPU here")
+    for item in gpu:
+        item.add_marker(skip)
+
+
 def _suite_training_processes() -> list:
     """Live `pipeline.train` processes started by this suite (found by the inherited marker)."""
     import psutil
