@@ -2,10 +2,14 @@
 
     python -m benchmarks.selection --config configs/bench/fmnist-noisy.yaml --out results/fmnist-noisy
     python -m benchmarks.selection --config configs/bench/fmnist-mosaic.yaml --out results/mosaic --quick
+    python -m benchmarks.selection --config configs/bench/budget-r0.5.yaml --config configs/bench/clean.yaml \
+        --out results/regimes          # one table per config under results/regimes/<config name>/
 
 A bench config is YAML with:
     base:     a run config (the same keys as dissect-train's), shared by every method
-    methods:  e.g. [none, random, clipscore, small_loss, big_loss, dissect:memory, dissect:ema]
+    methods:  e.g. [none, random, small_loss+clusters, dissect:memory, dissect:ema, oracle]:
+              method[:history][+clusters] (+clusters: selection.balance=clusters); oracle is the
+              ceiling of noise filtering (clean pairs first by ground truth) and needs noisy flags
     metric:   the primary metric key, e.g. eval/zeroshot_top1 or eval/ret_i2t_r1
     quick:    overrides (key: value) for --quick, a setting that finishes in minutes on 2 cores
     prepare:  the dissect-prep command that builds the shards (run when data.train is missing)
@@ -53,17 +57,43 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
+def parse_method(method: str) -> tuple[str, str, bool]:
+    """'dissect:memory+clusters' -> ('dissect', 'memory', True)."""
+    spec, _, balance = method.partition("+")
+    if balance not in ("", "clusters"):
+        raise SystemExit(f"bench method {method!r}: the only balance suffix is +clusters")
+    name, _, history = spec.partition(":")
+    return name, history, balance == "clusters"
+
+
 def method_overrides(method: str) -> list[str]:
-    name, _, history = method.partition(":")
+    name, history, balanced = parse_method(method)
     ov = [f"selection.method={name}"]
     if history:
         ov.append(f"selection.history={history}")
+    if balanced:
+        ov.append("selection.balance=clusters")
     return ov
+
+
+def cost_model(method: str, ratio: float) -> float:
+    """DESIGN.md's step cost per loaded sample relative to `none` (forward = 1, backward = 2)."""
+    name, history, balanced = parse_method(method)
+    if name == "none":
+        return 1.0
+    # random and oracle need no scoring forward, unless the balance needs text features
+    forwards = 0 if name in ("random", "oracle") and not balanced else 1
+    forwards += history == "ema"
+    return (forwards + 3 * ratio) / 3
+
+
+def run_dir_name(method: str) -> str:
+    return method.replace(":", "-").replace("+", "-")
 
 
 def run_method(method: str, base_file: Path, extra: list[str], out: Path, nproc: int, timeout: float,
                ratio: float, base: dict) -> Path:
-    run_dir = out / "runs" / method.replace(":", "-")
+    run_dir = out / "runs" / run_dir_name(method)
     if (run_dir / "eval.json").exists():
         print(f"[bench] {method}: reusing {run_dir}", file=sys.stderr)
         return run_dir
@@ -124,8 +154,7 @@ def summarize(method: str, rows: list[dict], metric: str, ratio: float) -> dict:
         "kept_noisy_frac": _mean([r.get("select/kept_noisy_frac") for r in after]),
         "kept_label_entropy": _mean([r.get("select/kept_label_entropy") for r in after]),
         "step_s_per_loaded": step_s / loaded if loaded else float("nan"),
-        "cost_model": {"none": 1.0, "random": ratio}.get(
-            method, (2 + 3 * ratio) / 3 if method.endswith(":ema") else (1 + 3 * ratio) / 3),
+        "cost_model": cost_model(method, ratio),
         "_evals": [(r["time_s"], r["samples_trained"], r[metric]) for r in evals],
         "_noisy": [(r["step"], r.get("select/kept_noisy_frac")) for r in train],
     }
@@ -140,10 +169,11 @@ def time_to_reach(evals: list[tuple], target: float) -> float:
 
 def write_report(results: list[dict], metric: str, out: Path, header: str) -> str:
     base = next((r for r in results if r["method"] == "none"), None)
+    oracle = next((r for r in results if r["method"] == "oracle"), None)
     target = base["best"] if base else float("nan")
     t_none = time_to_reach(base["_evals"], target) if base else float("nan")
     cols = ["method", "final", "best", "wall_s", "trained_samples", "none_at_same_wall_s",
-            "time_to_none_best_s", "speedup_vs_none",
+            "time_to_none_best_s", "speedup_vs_none", "best_minus_oracle",
             "noise_auc", "kept_noisy_frac", "kept_label_entropy", "step_cost_vs_none", "cost_model"]
     table = []
     for r in results:
@@ -154,6 +184,7 @@ def write_report(results: list[dict], metric: str, out: Path, header: str) -> st
         row["none_at_same_wall_s"] = max((v for tt, _, v in base["_evals"] if tt <= r["wall_s"]),
                                          default=float("nan")) if base else float("nan")
         row["speedup_vs_none"] = t_none / t if t and not math.isnan(t) else float("nan")
+        row["best_minus_oracle"] = r["best"] - oracle["best"] if oracle else float("nan")
         row["step_cost_vs_none"] = (r["step_s_per_loaded"] / base["step_s_per_loaded"]) if base else float("nan")
         table.append(row)
     with open(out / "results.csv", "w", newline="") as f:
@@ -174,7 +205,9 @@ def write_report(results: list[dict], metric: str, out: Path, header: str) -> st
     lines += ["", f"Primary metric: `{metric}` (final = last evaluation, best = best evaluation). "
               "time_to_none_best_s: wall seconds until the method first reaches the best value `none` "
               "reached; speedup_vs_none = none's time to that value / the method's; none_at_same_wall_s: "
-              "the best value `none` had reached by the time the method finished (equal wall time). noise_auc, "
+              "the best value `none` had reached by the time the method finished (equal wall time). "
+              "best_minus_oracle: best minus the oracle's best (the oracle keeps clean pairs first by "
+              "ground truth, random among them: the ceiling of noise filtering here). noise_auc, "
               "kept_noisy_frac and kept_label_entropy are averaged over steps after selection warm-up. "
               "step_cost_vs_none: measured step time per loaded sample relative to `none`; cost_model: "
               "DESIGN.md's prediction (forward = 1, backward = 2)."]
@@ -210,22 +243,12 @@ def plot(results: list[dict], metric: str, out: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true", help="the few-minute setting from the config's quick:")
-    ap.add_argument("--methods", help="comma list overriding the config's methods")
-    ap.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun)")
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is killed")
-    ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
-    args = ap.parse_args(argv)
-
-    spec = yaml.safe_load(Path(args.config).read_text())
+def run_bench(config: Path, out: Path, args, cmd: str) -> str:
+    """Every method of one bench config, then its table and plots in ``out``; returns the table."""
+    spec = yaml.safe_load(config.read_text())
     for key in ("base", "methods", "metric"):
         if key not in spec:
-            raise SystemExit(f"bench config {args.config} lacks '{key}'")
-    out = Path(args.out)
+            raise SystemExit(f"bench config {config} lacks '{key}'")
     out.mkdir(parents=True, exist_ok=True)
     base = dict(spec["base"])
     base_file = out / "base.yaml"
@@ -239,19 +262,41 @@ def main(argv=None) -> int:
         print(f"[bench] building the dataset: {prepare}", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "data_prep.cli", *shlex.split(prepare)[1:]], cwd=ROOT, check=True)
     methods = args.methods.split(",") if args.methods else spec["methods"]
-    ratio = float(base.get("selection", {}).get("ratio", 0.2))
     effective = merge(base, quick)
+    ratio = float(effective.get("selection", {}).get("ratio", 0.2))
     started = time.strftime("%Y-%m-%d %H:%M")
     results = []
     for m in methods:
         run_dir = run_method(m, base_file, extra, out, args.nproc, args.timeout, ratio, effective)
         results.append(summarize(m, read_rows(run_dir), spec["metric"], ratio))
-    cmd = "python -m benchmarks.selection " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    header = (f"`{cmd}` — started {started}, {os.cpu_count()} CPU cores, {args.nproc} process(es) per run"
-              f"{', quick setting' if args.quick else ''}.")
+    header = (f"`{cmd}` ({config.stem}) — started {started}, {os.cpu_count()} CPU cores, {args.nproc} "
+              f"process(es) per run{', quick setting' if args.quick else ''}.")
     text = write_report(results, spec["metric"], out, header)
     plot(results, spec["metric"], out)
-    print(text)
+    return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, action="append",
+                    help="a bench config; repeat for several regimes (one table each, in --out/<name>/)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true", help="the few-minute setting from the config's quick:")
+    ap.add_argument("--methods", help="comma list overriding the config's methods")
+    ap.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun)")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is killed")
+    ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
+    args = ap.parse_args(argv)
+
+    cmd = "python -m benchmarks.selection " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    out = Path(args.out)
+    configs = [Path(c) for c in args.config]
+    if len(configs) == 1:
+        texts = [run_bench(configs[0], out, args, cmd)]
+    else:
+        texts = [f"## {c.stem}\n\n" + run_bench(c, out / c.stem, args, cmd) for c in configs]
+        (out / "results.md").write_text("\n".join(texts))
+    print("\n".join(texts))
     return 0
 
 
