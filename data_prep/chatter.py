@@ -77,12 +77,10 @@ class ShardProgress:
 @contextmanager
 def folded_output(out: Path, progress: ShardProgress) -> Iterator[Path]:
     """Run the body (an img2dataset call) with its output folded; yields the log path."""
-    import multiprocessing.resource_tracker as resource_tracker
-
     log = out / LOG
-    # Started now, the resource tracker (a process that outlives the run) keeps the real
-    # stderr for its warnings instead of inheriting the log file.
-    resource_tracker.ensure_running()
+    # multiprocessing's resource tracker, when img2dataset's pool starts it in here, inherits the
+    # log as its stderr: its "leaked semaphore" notes after a Ctrl-C belong to img2dataset's
+    # workers and go to the log with their tracebacks, not to the user's terminal.
     sys.stdout.flush()
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
