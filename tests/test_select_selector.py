@@ -117,7 +117,8 @@ def run_steps(rank: int, world: int, run_dir: str, steps: int, sel: dict, start:
         rec = {"uid": train["uid"].tolist(), "stats": {k: v for k, v in stats.items() if k.startswith("select/")}}
         if selector.reporter.last is not None:
             g = selector.reporter.last["g"]
-            rec.update(s=g.s.clone(), h=g.h.clone(), uid_G=g.uid.clone(), kept=selector.reporter.last["kept"])
+            last = selector.reporter.last
+            rec.update(s=g.s.clone(), h=g.h.clone(), uid_G=g.uid.clone(), kept=last["kept"], cluster=last["cluster"])
         out.append(rec)
         selector.after_step(step)
         engine.fake_step(step)
@@ -258,10 +259,15 @@ def test_balance_reports_kept_fraction_per_cluster(tmp_path):
     for r in rec[:3]:
         assert not any(k.startswith("select/cluster_kept_frac/") for k in r["stats"])  # warm-up: random
     for r in rec[3:]:
-        fracs = [v for k, v in r["stats"].items() if k.startswith("select/cluster_kept_frac/")]
-        assert len(fracs) == r["stats"]["select/clusters_used"] >= 2
-        # largest remainder: each cluster keeps within one sample of half of its rows
-        assert r["stats"]["select/cluster_kept_frac_spread"] <= 1.0
+        n = torch.bincount(r["cluster"], minlength=3)
+        kept = torch.bincount(r["cluster"][r["kept"]], minlength=3)
+        assert int(n.sum()) == G and int(kept.sum()) == K_TRAIN
+        for c in range(3):
+            # largest remainder: each cluster keeps its share of the kept set, within one sample
+            assert abs(int(kept[c]) - K_TRAIN * int(n[c]) / G) < 1
+            if n[c]:
+                assert r["stats"][f"select/cluster_kept_frac/c{c:02d}"] == pytest.approx(float(kept[c] / n[c]))
+        assert r["stats"]["select/clusters_used"] == int((n > 0).sum()) >= 2
 
 
 def test_bad_balance_config_names_the_field(tmp_path):

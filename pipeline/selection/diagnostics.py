@@ -108,16 +108,18 @@ class SelectionReport:
         self.rows: list[dict] = []
 
     def record(self, step: int, epoch: int, g, key_G: torch.Tensor, kept_G: torch.Tensor, largest: bool,
-               warm: bool, batch: dict) -> None:
+               warm: bool, batch: dict, cluster_G: torch.Tensor | None = None) -> None:
         if not self.is_main:
             return
-        self.last = {"g": g, "key": key_G, "kept": kept_G, "largest": largest, "batch": batch}
+        G = g.uid.numel()
+        cluster_G = cluster_G if cluster_G is not None else torch.full((G,), -1, dtype=torch.long)
+        self.last = {"g": g, "key": key_G, "kept": kept_G, "largest": largest, "batch": batch, "cluster": cluster_G}
         if self.log_samples:
-            G = g.uid.numel()
             self.rows.append({
                 "step": np.full(G, step, dtype=np.int64), "epoch": np.full(G, epoch, dtype=np.int32),
                 "uid": g.uid.numpy(), "s": g.s.numpy(), "h": g.h.numpy(), "d": key_G.float().numpy(),
                 "kept": kept_G.numpy(), "noisy": g.noisy.numpy(), "warmup": np.full(G, warm),
+                "cluster": cluster_G.numpy(),  # -1: no balance, or warm-up
             })
 
     def histograms(self) -> dict:

@@ -103,7 +103,7 @@ class Selector:
                  **diag.step_stats(g, key_G, kept_G, largest, warm, scored)}
         if cluster_G is not None:
             stats.update(cluster_stats(cluster_G, kept_G, self.sc.clusters))
-        self.reporter.record(step, epoch, g, key_G, kept_G, largest, warm, batch)
+        self.reporter.record(step, epoch, g, key_G, kept_G, largest, warm, batch, cluster_G)
         return train, stats
 
     def _score(self, batch: dict, warm: bool):
