@@ -9,7 +9,9 @@ from pathlib import Path
 
 
 def summary(run_dir: Path) -> str:
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    rows = [
+        json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()
+    ]
     train = [r for r in rows if "loss" in r]
     after = [r for r in train if not r.get("select/warmup", 0)]
     ev = json.loads((run_dir / "eval.json").read_text())

@@ -29,8 +29,13 @@ def _rank(rank, world, port, sizes, reps, img_elems, ctx, q):
     import torch.distributed as dist
 
     os.environ.update(OMP_NUM_THREADS="1")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     import pipeline  # noqa: F401
     from pipeline.collectives import all_gather_cat
     from pipeline.selection.store import ScoreStore
@@ -41,10 +46,13 @@ def _rank(rank, world, port, sizes, reps, img_elems, ctx, q):
         b = B // 5
         store = ScoreStore(world * B * 4, rank, world)
         gen = torch.Generator().manual_seed(rank)
-        batch = {"images": torch.zeros(B, img_elems // 2, dtype=torch.float32),  # bf16-sized rows
-                 "tokens": torch.zeros(B, ctx, dtype=torch.int64),
-                 "uid": torch.arange(rank * B, (rank + 1) * B), "label": torch.zeros(B, dtype=torch.int64),
-                 "noisy": torch.zeros(B, dtype=torch.bool)}
+        batch = {
+            "images": torch.zeros(B, img_elems // 2, dtype=torch.float32),  # bf16-sized rows
+            "tokens": torch.zeros(B, ctx, dtype=torch.int64),
+            "uid": torch.arange(rank * B, (rank + 1) * B),
+            "label": torch.zeros(B, dtype=torch.int64),
+            "noisy": torch.zeros(B, dtype=torch.bool),
+        }
         t = {"gather": [], "store": [], "topk": [], "rebalance": []}
         moved = []
         for _ in range(reps):
@@ -69,9 +77,15 @@ def _rank(rank, world, port, sizes, reps, img_elems, ctx, q):
             moved.append(plan.moved)
         row = {k: statistics.median(v) for k, v in t.items()}
         mv = statistics.mean(moved)
-        row.update(world=world, B=B, b=b, moved=mv,
-                   gather_bytes=world * B * 5 * 8, store_bytes=world * B * 2 * 8,
-                   rebalance_bytes=mv / world * (img_elems * 2 + ctx * 8))
+        row.update(
+            world=world,
+            B=B,
+            b=b,
+            moved=mv,
+            gather_bytes=world * B * 5 * 8,
+            store_bytes=world * B * 2 * 8,
+            rebalance_bytes=mv / world * (img_elems * 2 + ctx * 8),
+        )
         rows.append(row)
     if rank == 0:
         q.put(rows)
@@ -93,25 +107,39 @@ def main(argv=None) -> int:
     for world in [int(w) for w in args.worlds.split(",")]:
         port = free_port()
         q = ctx.Queue()
-        procs = [ctx.Process(target=_rank, args=(r, world, port, sizes, args.reps, args.image_elems,
-                                                  args.context, q)) for r in range(world)]
+        procs = [
+            ctx.Process(
+                target=_rank,
+                args=(r, world, port, sizes, args.reps, args.image_elems, args.context, q),
+            )
+            for r in range(world)
+        ]
         for p in procs:
             p.start()
         all_rows += q.get(timeout=900)
         for p in procs:
             p.join(60)
-    lines = [f"`python -m benchmarks.overhead {' '.join(argv or sys.argv[1:])}` on {os.cpu_count()} CPU cores "
-             f"(gloo, loopback), r = 0.2, median of {args.reps} steps, per rank.", "",
-             "| W | B per rank | gather ms | store ms | top-k ms | rebalance ms | samples moved | "
-             "gather recv | store all-reduce | rebalance recv |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"`python -m benchmarks.overhead {' '.join(argv or sys.argv[1:])}` on {os.cpu_count()} CPU cores "
+        f"(gloo, loopback), r = 0.2, median of {args.reps} steps, per rank.",
+        "",
+        "| W | B per rank | gather ms | store ms | top-k ms | rebalance ms | samples moved | "
+        "gather recv | store all-reduce | rebalance recv |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in all_rows:
-        lines.append(f"| {r['world']} | {r['B']} | {1e3 * r['gather']:.2f} | {1e3 * r['store']:.2f} | "
-                     f"{1e3 * r['topk']:.2f} | {1e3 * r['rebalance']:.1f} | {r['moved']:.0f} | "
-                     f"{r['gather_bytes'] / 1e6:.2f} MB | {r['store_bytes'] / 1e6:.2f} MB | "
-                     f"{r['rebalance_bytes'] / 1e6:.1f} MB |")
-    lines += ["", "Per-rank message sizes scale as: gather 40 B x W x B, store all-reduce 16 B x W x B, "
-              "rebalance (surplus / W) x (image + token bytes). At W = 1000 and B = 1280 the gather is "
-              "51 MB and the store all-reduce 20 MB per rank per step; the top-k runs over 1.28 M keys."]
+        lines.append(
+            f"| {r['world']} | {r['B']} | {1e3 * r['gather']:.2f} | {1e3 * r['store']:.2f} | "
+            f"{1e3 * r['topk']:.2f} | {1e3 * r['rebalance']:.1f} | {r['moved']:.0f} | "
+            f"{r['gather_bytes'] / 1e6:.2f} MB | {r['store_bytes'] / 1e6:.2f} MB | "
+            f"{r['rebalance_bytes'] / 1e6:.1f} MB |"
+        )
+    lines += [
+        "",
+        "Per-rank message sizes scale as: gather 40 B x W x B, store all-reduce 16 B x W x B, "
+        "rebalance (surplus / W) x (image + token bytes). At W = 1000 and B = 1280 the gather is "
+        "51 MB and the store all-reduce 20 MB per rank per step; the top-k runs over 1.28 M keys.",
+    ]
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

@@ -91,8 +91,16 @@ def run_dir_name(method: str) -> str:
     return method.replace(":", "-").replace("+", "-")
 
 
-def run_method(method: str, base_file: Path, extra: list[str], out: Path, nproc: int, timeout: float,
-               ratio: float, base: dict) -> Path:
+def run_method(
+    method: str,
+    base_file: Path,
+    extra: list[str],
+    out: Path,
+    nproc: int,
+    timeout: float,
+    ratio: float,
+    base: dict,
+) -> Path:
     run_dir = out / "runs" / run_dir_name(method)
     if (run_dir / "eval.json").exists():
         print(f"[bench] {method}: reusing {run_dir}", file=sys.stderr)
@@ -101,15 +109,29 @@ def run_method(method: str, base_file: Path, extra: list[str], out: Path, nproc:
         import shutil
 
         shutil.rmtree(run_dir)
-    overrides = [*extra, *method_overrides(method), f"run.dir={run_dir}", f"run.name={run_dir.name}"]
+    overrides = [
+        *extra,
+        *method_overrides(method),
+        f"run.dir={run_dir}",
+        f"run.name={run_dir.name}",
+    ]
     if method == "none":  # 1/r more (smaller) steps per epoch: keep eval/log cadence per epoch
         for sec, key in (("eval", "every_steps"), ("log", "every_steps")):
             every = base.get(sec, {}).get(key)
             if every:
                 overrides.append(f"{sec}.{key}={int(round(every / ratio))}")
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + os.getpid() % 1000), "-m", "pipeline.train"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            "-m",
+            "pipeline.train",
+        ]
     else:
         cmd = [sys.executable, "-m", "pipeline.train"]
     cmd += ["--config", str(base_file), *overrides]
@@ -118,8 +140,14 @@ def run_method(method: str, base_file: Path, extra: list[str], out: Path, nproc:
     log = run_dir.parent / f"{run_dir.name}.log"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        proc = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
     if proc.returncode != 0:
         raise SystemExit(f"[bench] {method} failed (exit {proc.returncode}); see {log}")
     print(f"[bench] {method}: done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
@@ -127,7 +155,9 @@ def run_method(method: str, base_file: Path, extra: list[str], out: Path, nproc:
 
 
 def read_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return [
+        json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()
+    ]
 
 
 def _mean(xs):
@@ -172,20 +202,38 @@ def write_report(results: list[dict], metric: str, out: Path, header: str) -> st
     oracle = next((r for r in results if r["method"] == "oracle"), None)
     target = base["best"] if base else float("nan")
     t_none = time_to_reach(base["_evals"], target) if base else float("nan")
-    cols = ["method", "final", "best", "wall_s", "trained_samples", "none_at_same_wall_s",
-            "time_to_none_best_s", "speedup_vs_none", "best_minus_oracle",
-            "noise_auc", "kept_noisy_frac", "kept_label_entropy", "step_cost_vs_none", "cost_model"]
+    cols = [
+        "method",
+        "final",
+        "best",
+        "wall_s",
+        "trained_samples",
+        "none_at_same_wall_s",
+        "time_to_none_best_s",
+        "speedup_vs_none",
+        "best_minus_oracle",
+        "noise_auc",
+        "kept_noisy_frac",
+        "kept_label_entropy",
+        "step_cost_vs_none",
+        "cost_model",
+    ]
     table = []
     for r in results:
         t = time_to_reach(r["_evals"], target)
         row = dict(r)
         row["time_to_none_best_s"] = t
         # equal compute: the best `none` had reached by the time this method finished
-        row["none_at_same_wall_s"] = max((v for tt, _, v in base["_evals"] if tt <= r["wall_s"]),
-                                         default=float("nan")) if base else float("nan")
+        row["none_at_same_wall_s"] = (
+            max((v for tt, _, v in base["_evals"] if tt <= r["wall_s"]), default=float("nan"))
+            if base
+            else float("nan")
+        )
         row["speedup_vs_none"] = t_none / t if t and not math.isnan(t) else float("nan")
         row["best_minus_oracle"] = r["best"] - oracle["best"] if oracle else float("nan")
-        row["step_cost_vs_none"] = (r["step_s_per_loaded"] / base["step_s_per_loaded"]) if base else float("nan")
+        row["step_cost_vs_none"] = (
+            (r["step_s_per_loaded"] / base["step_s_per_loaded"]) if base else float("nan")
+        )
         table.append(row)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -202,15 +250,18 @@ def write_report(results: list[dict], metric: str, out: Path, header: str) -> st
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in table:
         lines.append("| " + " | ".join(fmt(row[c], c) for c in cols) + " |")
-    lines += ["", f"Primary metric: `{metric}` (final = last evaluation, best = best evaluation). "
-              "time_to_none_best_s: wall seconds until the method first reaches the best value `none` "
-              "reached; speedup_vs_none = none's time to that value / the method's; none_at_same_wall_s: "
-              "the best value `none` had reached by the time the method finished (equal wall time). "
-              "best_minus_oracle: best minus the oracle's best (the oracle keeps clean pairs first by "
-              "ground truth, random among them: the ceiling of noise filtering here). noise_auc, "
-              "kept_noisy_frac and kept_label_entropy are averaged over steps after selection warm-up. "
-              "step_cost_vs_none: measured step time per loaded sample relative to `none`; cost_model: "
-              "DESIGN.md's prediction (forward = 1, backward = 2)."]
+    lines += [
+        "",
+        f"Primary metric: `{metric}` (final = last evaluation, best = best evaluation). "
+        "time_to_none_best_s: wall seconds until the method first reaches the best value `none` "
+        "reached; speedup_vs_none = none's time to that value / the method's; none_at_same_wall_s: "
+        "the best value `none` had reached by the time the method finished (equal wall time). "
+        "best_minus_oracle: best minus the oracle's best (the oracle keeps clean pairs first by "
+        "ground truth, random among them: the ceiling of noise filtering here). noise_auc, "
+        "kept_noisy_frac and kept_label_entropy are averaged over steps after selection warm-up. "
+        "step_cost_vs_none: measured step time per loaded sample relative to `none`; cost_model: "
+        "DESIGN.md's prediction (forward = 1, backward = 2).",
+    ]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     return text
@@ -227,14 +278,20 @@ def plot(results: list[dict], metric: str, out: Path) -> None:
         color = f"C{i % 10}"  # one colour per method in every panel
         ev = r["_evals"]
         if ev:
-            axes[0].plot([e[0] for e in ev], [e[2] for e in ev], marker=".", color=color, label=r["method"])
-            axes[1].plot([e[1] for e in ev], [e[2] for e in ev], marker=".", color=color, label=r["method"])
+            axes[0].plot(
+                [e[0] for e in ev], [e[2] for e in ev], marker=".", color=color, label=r["method"]
+            )
+            axes[1].plot(
+                [e[1] for e in ev], [e[2] for e in ev], marker=".", color=color, label=r["method"]
+            )
         nz = [(s, v) for s, v in r["_noisy"] if v is not None]
         if nz:
             axes[2].plot([s for s, _ in nz], [v for _, v in nz], color=color, label=r["method"])
     axes[0].set(xlabel="wall time (s)", ylabel=metric, title=f"{metric} vs wall time")
     axes[1].set(xlabel="trained samples", ylabel=metric, title=f"{metric} vs trained samples")
-    axes[2].set(xlabel="step", ylabel="kept noisy fraction", title="noisy fraction of trained samples")
+    axes[2].set(
+        xlabel="step", ylabel="kept noisy fraction", title="noisy fraction of trained samples"
+    )
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -257,10 +314,16 @@ def run_bench(config: Path, out: Path, args, cmd: str) -> str:
     extra += args.overrides
     quick = spec.get("quick", {}) if args.quick else {}
     train_spec = quick.get("data", {}).get("train") or base.get("data", {}).get("train")
-    prepare = spec.get("quick_prepare") if args.quick and spec.get("quick_prepare") else spec.get("prepare")
+    prepare = (
+        spec.get("quick_prepare")
+        if args.quick and spec.get("quick_prepare")
+        else spec.get("prepare")
+    )
     if prepare and not (ROOT / str(train_spec).split("{")[0]).exists():
         print(f"[bench] building the dataset: {prepare}", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "data_prep.cli", *shlex.split(prepare)[1:]], cwd=ROOT, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "data_prep.cli", *shlex.split(prepare)[1:]], cwd=ROOT, check=True
+        )
     methods = args.methods.split(",") if args.methods else spec["methods"]
     effective = merge(base, quick)
     ratio = float(effective.get("selection", {}).get("ratio", 0.2))
@@ -269,8 +332,10 @@ def run_bench(config: Path, out: Path, args, cmd: str) -> str:
     for m in methods:
         run_dir = run_method(m, base_file, extra, out, args.nproc, args.timeout, ratio, effective)
         results.append(summarize(m, read_rows(run_dir), spec["metric"], ratio))
-    header = (f"`{cmd}` ({config.stem}) — started {started}, {os.cpu_count()} CPU cores, {args.nproc} "
-              f"process(es) per run{', quick setting' if args.quick else ''}.")
+    header = (
+        f"`{cmd}` ({config.stem}) — started {started}, {os.cpu_count()} CPU cores, {args.nproc} "
+        f"process(es) per run{', quick setting' if args.quick else ''}."
+    )
     text = write_report(results, spec["metric"], out, header)
     plot(results, spec["metric"], out)
     return text
@@ -278,17 +343,27 @@ def run_bench(config: Path, out: Path, args, cmd: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, action="append",
-                    help="a bench config; repeat for several regimes (one table each, in --out/<name>/)")
+    ap.add_argument(
+        "--config",
+        required=True,
+        action="append",
+        help="a bench config; repeat for several regimes (one table each, in --out/<name>/)",
+    )
     ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true", help="the few-minute setting from the config's quick:")
+    ap.add_argument(
+        "--quick", action="store_true", help="the few-minute setting from the config's quick:"
+    )
     ap.add_argument("--methods", help="comma list overriding the config's methods")
     ap.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun)")
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is killed")
+    ap.add_argument(
+        "--timeout", type=float, default=3600, help="seconds per run before it is killed"
+    )
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = ap.parse_args(argv)
 
-    cmd = "python -m benchmarks.selection " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    cmd = "python -m benchmarks.selection " + " ".join(
+        shlex.quote(a) for a in (argv or sys.argv[1:])
+    )
     out = Path(args.out)
     configs = [Path(c) for c in args.config]
     if len(configs) == 1:

@@ -52,16 +52,24 @@ def bench_method(method: str, args: argparse.Namespace, dist: DistInfo) -> dict:
         sel_cfg = {"method": "none"}
     else:
         train_b = b
-        sel_cfg = {"method": sel, "ratio": r, "history": history, "warmup_steps": args.warmup,
-                   "score_chunk": args.score_chunk, "log_samples": False}
-    cfg = config_from_dict({
-        "run": {"seed": 0},
-        "data": {"batch_size": train_b},
-        "model": {"name": args.model},
-        "optim": {"lr": 1e-4, "warmup_steps": 0},
-        "selection": sel_cfg,
-        "deepspeed": {"zero_stage": args.zero_stage, "precision": args.precision},
-    })
+        sel_cfg = {
+            "method": sel,
+            "ratio": r,
+            "history": history,
+            "warmup_steps": args.warmup,
+            "score_chunk": args.score_chunk,
+            "log_samples": False,
+        }
+    cfg = config_from_dict(
+        {
+            "run": {"seed": 0},
+            "data": {"batch_size": train_b},
+            "model": {"name": args.model},
+            "optim": {"lr": 1e-4, "warmup_steps": 0},
+            "selection": sel_cfg,
+            "deepspeed": {"zero_stage": args.zero_stage, "precision": args.precision},
+        }
+    )
     loaded = cfg.super_batch_size
     W = dist.world_size
     bundle = build_model(args.model, seed=0)
@@ -72,8 +80,10 @@ def bench_method(method: str, args: argparse.Namespace, dist: DistInfo) -> dict:
     pool = max(1, args.warmup) * W * loaded
     runner = StepRunner(cfg, dist, bundle.model, total, store_size=pool, steps_per_epoch=total)
     gen = torch.Generator().manual_seed(dist.rank)
-    batches = [make_batch(loaded, image_size, bundle.context_length, 0, runner.engine.device, gen)
-               for _ in range(2)]
+    batches = [
+        make_batch(loaded, image_size, bundle.context_length, 0, runner.engine.device, gen)
+        for _ in range(2)
+    ]
     times, parts = [], {}
     for step in range(total):
         batch = dict(batches[step % 2])
@@ -92,7 +102,10 @@ def bench_method(method: str, args: argparse.Namespace, dist: DistInfo) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {
-        "method": method, "train_batch": train_b, "loaded_batch": loaded, "world": W,
+        "method": method,
+        "train_batch": train_b,
+        "loaded_batch": loaded,
+        "world": W,
         "step_s": step_s,
         "scored_per_s": W * loaded / step_s,
         "trained_per_s": W * train_b / step_s,
@@ -103,20 +116,33 @@ def bench_method(method: str, args: argparse.Namespace, dist: DistInfo) -> dict:
 def report(results: list[dict], ratio: float) -> str:
     base = {r["method"]: r for r in results}
     full = base.get("none@B")
-    lines = ["| method | loaded/rank | trained/rank | step s | scored samples/s | trained samples/s | "
-             "time per loaded sample vs none@B | cost model |",
-             "|---|---|---|---|---|---|---|---|"]
-    model = {"none@B": 1.0, "none@b": None, "random": ratio, "clipscore": (1 + 3 * ratio) / 3,
-             "dissect:memory": (1 + 3 * ratio) / 3, "dissect:snapshot": (1 + 3 * ratio) / 3,
-             "dissect:score_ema": (1 + 3 * ratio) / 3, "dissect:ema": (2 + 3 * ratio) / 3}
+    lines = [
+        "| method | loaded/rank | trained/rank | step s | scored samples/s | trained samples/s | "
+        "time per loaded sample vs none@B | cost model |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    model = {
+        "none@B": 1.0,
+        "none@b": None,
+        "random": ratio,
+        "clipscore": (1 + 3 * ratio) / 3,
+        "dissect:memory": (1 + 3 * ratio) / 3,
+        "dissect:snapshot": (1 + 3 * ratio) / 3,
+        "dissect:score_ema": (1 + 3 * ratio) / 3,
+        "dissect:ema": (2 + 3 * ratio) / 3,
+    }
     for r in results:
         rel = ""
         if full is not None:
-            rel = f"{(r['step_s'] / r['loaded_batch']) / (full['step_s'] / full['loaded_batch']):.3f}"
+            rel = (
+                f"{(r['step_s'] / r['loaded_batch']) / (full['step_s'] / full['loaded_batch']):.3f}"
+            )
         pred = model.get(r["method"])
-        lines.append(f"| {r['method']} | {r['loaded_batch']} | {r['train_batch']} | {r['step_s']:.4f} | "
-                     f"{r['scored_per_s']:.0f} | {r['trained_per_s']:.0f} | {rel} | "
-                     f"{'' if pred is None else f'{pred:.3f}'} |")
+        lines.append(
+            f"| {r['method']} | {r['loaded_batch']} | {r['train_batch']} | {r['step_s']:.4f} | "
+            f"{r['scored_per_s']:.0f} | {r['trained_per_s']:.0f} | {rel} | "
+            f"{'' if pred is None else f'{pred:.3f}'} |"
+        )
     return "\n".join(lines)
 
 
@@ -128,7 +154,9 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--zero-stage", type=int, default=0)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per method")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per method (selection warm-up)")
+    ap.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps per method (selection warm-up)"
+    )
     ap.add_argument("--score-chunk", type=int, default=1024)
     ap.add_argument("--methods", default="none@b,none@B,random,dissect:memory,dissect:ema")
     ap.add_argument("--out", default="results/throughput.json")
@@ -145,10 +173,14 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         table = report(results, args.ratio)
-        out.write_text(json.dumps({"args": vars(args), "device": device, "results": results}, indent=2))
-        out.with_suffix(".md").write_text(f"device: {device}, world {dist.world_size}, model {args.model}, "
-                                          f"{args.precision}, ZeRO-{args.zero_stage}, b={args.batch}, "
-                                          f"r={args.ratio}\n\n{table}\n")
+        out.write_text(
+            json.dumps({"args": vars(args), "device": device, "results": results}, indent=2)
+        )
+        out.with_suffix(".md").write_text(
+            f"device: {device}, world {dist.world_size}, model {args.model}, "
+            f"{args.precision}, ZeRO-{args.zero_stage}, b={args.batch}, "
+            f"r={args.ratio}\n\n{table}\n"
+        )
         print(table)
     return 0
 

@@ -274,12 +274,17 @@ def _clean_part(df, path, uid, url_col, caption_col, extra_cols, skipped, droppe
     no_url = out[url_col].isna() | (out[url_col] == "")
     # only http(s): urllib would also open file:// (and ftp://) urls, copying local files
     # into shards that get shared; such rows are dropped and counted, never fetched
-    bad_scheme = ~no_url & ~out[url_col].str.lower().str.match(r"^https?://").fillna(False).astype(bool)
+    bad_scheme = ~no_url & ~out[url_col].str.lower().str.match(r"^https?://").fillna(False).astype(
+        bool
+    )
     no_url = no_url | bad_scheme
     no_caption = ~no_url & (out[caption_col].isna() | (out[caption_col].str.strip() == ""))
     reasons = np.full(len(out), None, dtype=object)
-    for reason, mask in (("missing_url", no_url & ~bad_scheme), ("unsupported_url_scheme", bad_scheme),
-                         ("empty_caption", no_caption)):
+    for reason, mask in (
+        ("missing_url", no_url & ~bad_scheme),
+        ("unsupported_url_scheme", bad_scheme),
+        ("empty_caption", no_caption),
+    ):
         if mask.any():
             skipped[reason] = skipped.get(reason, 0) + int(mask.sum())
             reasons[mask.to_numpy(dtype=bool)] = reason

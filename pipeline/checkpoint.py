@@ -26,7 +26,9 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.dist import DistInfo, barrier
 
-if TYPE_CHECKING:  # importing pipeline.engine imports deepspeed; checkpoint paths alone need neither
+if (
+    TYPE_CHECKING
+):  # importing pipeline.engine imports deepspeed; checkpoint paths alone need neither
     from pipeline.engine import Engine
 
 COMPLETE = "COMPLETE"
@@ -146,8 +148,12 @@ def resolve(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
         return (ckpt_dir, tag) if tag else None
     p = Path(resume)
     if not (p / COMPLETE).is_file():
-        what = "has no COMPLETE marker (its save did not finish)" if p.is_dir() else "does not exist"
-        raise ConfigError(f"checkpoint.resume={resume!r} {what}; give 'latest' or a complete step_* dir")
+        what = (
+            "has no COMPLETE marker (its save did not finish)" if p.is_dir() else "does not exist"
+        )
+        raise ConfigError(
+            f"checkpoint.resume={resume!r} {what}; give 'latest' or a complete step_* dir"
+        )
     return p.parent, p.name
 
 
@@ -157,5 +163,7 @@ def load(engine: Engine, where: tuple[Path, str], dist: DistInfo) -> dict:
     engine.load(parent, tag)
     path = parent / tag / f"state_rank{dist.rank}.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: was the checkpoint written with another world size?")
+        raise FileNotFoundError(
+            f"{path} is missing: was the checkpoint written with another world size?"
+        )
     return torch.load(path, map_location="cpu", weights_only=False)

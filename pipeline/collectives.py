@@ -50,7 +50,9 @@ def all_reduce_max(n: int) -> int:
     return int(t.item())
 
 
-def all_to_all_rows(send: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+def all_to_all_rows(
+    send: torch.Tensor, send_counts: list[int], recv_counts: list[int]
+) -> torch.Tensor:
     """Rows [sum(send_counts), ...] split by destination rank -> rows received [sum(recv_counts), ...].
 
     ``send`` is ordered by destination rank (send_counts[j] rows for rank j); the result is

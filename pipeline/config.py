@@ -30,8 +30,17 @@ def _check(ok: bool, name: str, allowed: str, got: Any) -> None:
         raise ConfigError(f"{name} must be {allowed}, got {got!r}")
 
 
-SELECTION_METHODS = ("none", "random", "clipscore", "small_loss", "big_loss", "dissect", "dissect_z",
-                     "filter_random", "oracle")
+SELECTION_METHODS = (
+    "none",
+    "random",
+    "clipscore",
+    "small_loss",
+    "big_loss",
+    "dissect",
+    "dissect_z",
+    "filter_random",
+    "oracle",
+)
 BALANCE_MODES = ("none", "clusters")
 HISTORY_SOURCES = ("memory", "snapshot", "ema", "score_ema")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -45,8 +54,18 @@ class RunConfig:
     stop_after_steps: int = 0  # > 0: checkpoint and exit at this step, as if preempted
 
     def __post_init__(self):
-        _check(self.stop_after_steps >= 0, "run.stop_after_steps", "a non-negative integer", self.stop_after_steps)
-        _check(bool(self.name) and "/" not in self.name, "run.name", "a non-empty name without '/'", self.name)
+        _check(
+            self.stop_after_steps >= 0,
+            "run.stop_after_steps",
+            "a non-negative integer",
+            self.stop_after_steps,
+        )
+        _check(
+            bool(self.name) and "/" not in self.name,
+            "run.name",
+            "a non-empty name without '/'",
+            self.name,
+        )
         _check(self.seed >= 0, "run.seed", "a non-negative integer", self.seed)
         if not self.dir:
             self.dir = str(Path("runs") / self.name)
@@ -70,12 +89,34 @@ class DataConfig:
         if isinstance(self.train, str):
             self.train = [self.train] if self.train else []
         _check(self.batch_size > 0, "data.batch_size", "a positive integer", self.batch_size)
-        _check(self.val_batch_size > 0, "data.val_batch_size", "a positive integer", self.val_batch_size)
+        _check(
+            self.val_batch_size > 0,
+            "data.val_batch_size",
+            "a positive integer",
+            self.val_batch_size,
+        )
         _check(self.workers >= 0, "data.workers", "a non-negative integer", self.workers)
-        _check(self.samples_per_epoch >= 0, "data.samples_per_epoch", "a non-negative integer", self.samples_per_epoch)
-        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "a non-negative integer", self.shuffle_buffer)
-        _check(0.0 <= self.max_skip_frac <= 1.0, "data.max_skip_frac", "in [0, 1]", self.max_skip_frac)
-        _check(self.max_val_samples >= 0, "data.max_val_samples", "a non-negative integer", self.max_val_samples)
+        _check(
+            self.samples_per_epoch >= 0,
+            "data.samples_per_epoch",
+            "a non-negative integer",
+            self.samples_per_epoch,
+        )
+        _check(
+            self.shuffle_buffer >= 0,
+            "data.shuffle_buffer",
+            "a non-negative integer",
+            self.shuffle_buffer,
+        )
+        _check(
+            0.0 <= self.max_skip_frac <= 1.0, "data.max_skip_frac", "in [0, 1]", self.max_skip_frac
+        )
+        _check(
+            self.max_val_samples >= 0,
+            "data.max_val_samples",
+            "a non-negative integer",
+            self.max_val_samples,
+        )
 
 
 @dataclass
@@ -101,15 +142,24 @@ class OptimConfig:
 
     def __post_init__(self):
         _check(self.lr > 0, "optim.lr", "a positive number", self.lr)
-        _check(self.weight_decay >= 0, "optim.weight_decay", "a non-negative number", self.weight_decay)
+        _check(
+            self.weight_decay >= 0, "optim.weight_decay", "a non-negative number", self.weight_decay
+        )
         _check(0 <= self.beta1 < 1, "optim.beta1", "in [0, 1)", self.beta1)
         _check(0 <= self.beta2 < 1, "optim.beta2", "in [0, 1)", self.beta2)
         _check(self.eps > 0, "optim.eps", "a positive number", self.eps)
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", "a non-negative integer", self.warmup_steps)
+        _check(
+            self.warmup_steps >= 0,
+            "optim.warmup_steps",
+            "a non-negative integer",
+            self.warmup_steps,
+        )
         _check(self.epochs > 0, "optim.epochs", "a positive number", self.epochs)
         _check(self.max_steps >= 0, "optim.max_steps", "a non-negative integer", self.max_steps)
         _check(self.grad_clip >= 0, "optim.grad_clip", "a non-negative number", self.grad_clip)
-        _check(self.max_bad_steps > 0, "optim.max_bad_steps", "a positive integer", self.max_bad_steps)
+        _check(
+            self.max_bad_steps > 0, "optim.max_bad_steps", "a positive integer", self.max_bad_steps
+        )
 
 
 @dataclass
@@ -129,20 +179,63 @@ class SelectionConfig:
     clusters: int = 16  # balance=clusters: K online k-means centroids of text features
 
     def __post_init__(self):
-        _check(self.method in SELECTION_METHODS, "selection.method", f"one of {SELECTION_METHODS}", self.method)
+        _check(
+            self.method in SELECTION_METHODS,
+            "selection.method",
+            f"one of {SELECTION_METHODS}",
+            self.method,
+        )
         _check(0 < self.ratio <= 1, "selection.ratio", "in (0, 1]", self.ratio)
-        _check(self.history in HISTORY_SOURCES, "selection.history", f"one of {HISTORY_SOURCES}", self.history)
-        _check(self.warmup_epochs >= 0, "selection.warmup_epochs", "a non-negative number", self.warmup_epochs)
-        _check(self.warmup_steps >= 0, "selection.warmup_steps", "a non-negative integer", self.warmup_steps)
+        _check(
+            self.history in HISTORY_SOURCES,
+            "selection.history",
+            f"one of {HISTORY_SOURCES}",
+            self.history,
+        )
+        _check(
+            self.warmup_epochs >= 0,
+            "selection.warmup_epochs",
+            "a non-negative number",
+            self.warmup_epochs,
+        )
+        _check(
+            self.warmup_steps >= 0,
+            "selection.warmup_steps",
+            "a non-negative integer",
+            self.warmup_steps,
+        )
         _check(0 <= self.ema_momentum < 1, "selection.ema_momentum", "in [0, 1)", self.ema_momentum)
-        _check(0 <= self.score_momentum < 1, "selection.score_momentum", "in [0, 1)", self.score_momentum)
-        _check(self.score_chunk > 0, "selection.score_chunk", "a positive integer", self.score_chunk)
-        _check(self.store_size >= 0, "selection.store_size", "a non-negative integer", self.store_size)
-        _check(self.grid_every_steps >= 0, "selection.grid_every_steps", "a non-negative integer", self.grid_every_steps)
-        _check(self.balance in BALANCE_MODES, "selection.balance", f"one of {BALANCE_MODES}", self.balance)
+        _check(
+            0 <= self.score_momentum < 1,
+            "selection.score_momentum",
+            "in [0, 1)",
+            self.score_momentum,
+        )
+        _check(
+            self.score_chunk > 0, "selection.score_chunk", "a positive integer", self.score_chunk
+        )
+        _check(
+            self.store_size >= 0, "selection.store_size", "a non-negative integer", self.store_size
+        )
+        _check(
+            self.grid_every_steps >= 0,
+            "selection.grid_every_steps",
+            "a non-negative integer",
+            self.grid_every_steps,
+        )
+        _check(
+            self.balance in BALANCE_MODES,
+            "selection.balance",
+            f"one of {BALANCE_MODES}",
+            self.balance,
+        )
         _check(self.clusters >= 1, "selection.clusters", "a positive integer", self.clusters)
-        _check(self.balance == "none" or self.method != "none", "selection.balance",
-               "none when selection.method is none (nothing is selected)", self.balance)
+        _check(
+            self.balance == "none" or self.method != "none",
+            "selection.balance",
+            "none when selection.method is none (nothing is selected)",
+            self.balance,
+        )
 
 
 @dataclass
@@ -153,8 +246,15 @@ class DeepSpeedConfig:
     torch_adam: bool = True  # torch's AdamW: no 85 s JIT build of DeepSpeed's CPU Adam
 
     def __post_init__(self):
-        _check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "0, 1, 2 or 3", self.zero_stage)
-        _check(self.precision in PRECISIONS, "deepspeed.precision", f"one of {PRECISIONS}", self.precision)
+        _check(
+            self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "0, 1, 2 or 3", self.zero_stage
+        )
+        _check(
+            self.precision in PRECISIONS,
+            "deepspeed.precision",
+            f"one of {PRECISIONS}",
+            self.precision,
+        )
         _check(self.timeout_s > 0, "deepspeed.timeout_s", "a positive integer", self.timeout_s)
 
 
@@ -165,7 +265,12 @@ class CheckpointConfig:
     resume: str = ""  # "" | latest | path to a checkpoint dir
 
     def __post_init__(self):
-        _check(self.every_steps >= 0, "checkpoint.every_steps", "a non-negative integer", self.every_steps)
+        _check(
+            self.every_steps >= 0,
+            "checkpoint.every_steps",
+            "a non-negative integer",
+            self.every_steps,
+        )
         _check(self.keep >= 0, "checkpoint.keep", "a non-negative integer", self.keep)
 
 
@@ -175,20 +280,28 @@ class EvalConfig:
     at_end: bool = True
 
     def __post_init__(self):
-        _check(self.every_steps >= 0, "eval.every_steps", "a non-negative integer", self.every_steps)
+        _check(
+            self.every_steps >= 0, "eval.every_steps", "a non-negative integer", self.every_steps
+        )
 
 
 @dataclass
 class LogConfig:
     every_steps: int = 10
     tensorboard: bool = True
-    progress: bool = True  # rank 0: a progress bar on a terminal, else a line every progress_every_s
+    progress: bool = (
+        True  # rank 0: a progress bar on a terminal, else a line every progress_every_s
+    )
     progress_every_s: float = 30.0  # seconds between progress lines when not on a terminal
 
     def __post_init__(self):
         _check(self.every_steps > 0, "log.every_steps", "a positive integer", self.every_steps)
-        _check(self.progress_every_s > 0, "log.progress_every_s", "a positive number of seconds",
-               self.progress_every_s)
+        _check(
+            self.progress_every_s > 0,
+            "log.progress_every_s",
+            "a positive number of seconds",
+            self.progress_every_s,
+        )
 
 
 @dataclass
@@ -286,7 +399,9 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     for key, value in raw.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown config key {full!r}; allowed here: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"unknown config key {full!r}; allowed here: {', '.join(sorted(names))}"
+            )
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, f"{full}.")
@@ -329,7 +444,9 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> Config:
     """Defaults, then the YAML file, then ``key=value`` overrides; validated as a whole."""
     raw: dict = {}
     if path is not None:

@@ -21,7 +21,9 @@ import pandas as pd
 def load_selection_log(run_dir: Path) -> pd.DataFrame:
     parts = sorted((Path(run_dir) / "selection").glob("part-*.parquet"))
     if not parts:
-        raise FileNotFoundError(f"{run_dir}/selection holds no selection log (was selection.log_samples off?)")
+        raise FileNotFoundError(
+            f"{run_dir}/selection holds no selection log (was selection.log_samples off?)"
+        )
     return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
 
 
@@ -41,7 +43,9 @@ def curate(run_dir: Path, policy: str = "last", after_warmup: bool = False) -> l
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.curate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.curate", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("run_dir")
     ap.add_argument("--out", required=True)
     ap.add_argument("--policy", default="last", choices=["last", "any", "majority"])

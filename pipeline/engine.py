@@ -131,8 +131,12 @@ def clear_stale_locks(ext_dir: Path) -> list[Path]:
         if not _held_open(lock):
             lock.unlink(missing_ok=True)
             removed.append(lock)
-            print(f"dissect: warning: removed a stale torch extensions build lock {lock} "
-                  "(left by a build that was killed)", file=sys.stderr, flush=True)
+            print(
+                f"dissect: warning: removed a stale torch extensions build lock {lock} "
+                "(left by a build that was killed)",
+                file=sys.stderr,
+                flush=True,
+            )
     return removed
 
 
@@ -143,8 +147,11 @@ def locked_build(ext_dir: Path, name: str, load, announce: bool = True):
         fcntl.flock(f, fcntl.LOCK_EX)  # another of our processes building: wait for it
         clear_stale_locks(ext_dir)
         if announce and not any((ext_dir / name).glob("*.so")):
-            print(f"building DeepSpeed's CPU comm op once, about a minute (cache: {ext_dir})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"building DeepSpeed's CPU comm op once, about a minute (cache: {ext_dir})",
+                file=sys.stderr,
+                flush=True,
+            )
         return load()
 
 
@@ -220,8 +227,9 @@ class Engine:
 
     def save(self, ckpt_dir: str | Path, tag: str, client_state: dict) -> None:
         """Every rank must call this: ZeRO writes each rank's optimizer/param partitions."""
-        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state,
-                                save_latest=False)
+        self.ds.save_checkpoint(
+            str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False
+        )
 
     def load(self, ckpt_dir: str | Path, tag: str) -> dict:
         path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)

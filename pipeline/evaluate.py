@@ -82,9 +82,13 @@ def embed(encode: Callable, loader: Iterable[dict]) -> dict:
 
 @torch.no_grad()
 def evaluate_val(
-    encode: Callable, loader: Iterable[dict], tokenizer: Callable,
-    zeroshot: tuple[list[str], list[str]] | None = None, prefix: str = "eval/",
-    retrieval: bool = True, device: torch.device | str = "cpu",
+    encode: Callable,
+    loader: Iterable[dict],
+    tokenizer: Callable,
+    zeroshot: tuple[list[str], list[str]] | None = None,
+    prefix: str = "eval/",
+    retrieval: bool = True,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     e = embed(encode, loader)
     out: dict[str, float] = {}
@@ -93,8 +97,14 @@ def evaluate_val(
     if zeroshot is not None:
         classnames, templates = zeroshot
         templates = [t.replace("{c}", "{}") for t in templates]
-        W_DC = build_zero_shot_classifier(_TextEncoder(encode), tokenizer, classnames, templates,
-                                          num_classes_per_batch=len(classnames), device=device)
+        W_DC = build_zero_shot_classifier(
+            _TextEncoder(encode),
+            tokenizer,
+            classnames,
+            templates,
+            num_classes_per_batch=len(classnames),
+            device=device,
+        )
         labels = e["label"]
         ok = labels >= 0
         if ok.any():
@@ -117,17 +127,29 @@ def model_encoder(model: torch.nn.Module, device: torch.device | str = "cpu") ->
     return encode
 
 
-def evaluate_sets(encode, tokenizer, preprocess, val: str, val_retrieval: str = "",
-                  batch_size: int = 256, max_samples: int = 0, device="cpu") -> dict:
+def evaluate_sets(
+    encode,
+    tokenizer,
+    preprocess,
+    val: str,
+    val_retrieval: str = "",
+    batch_size: int = 256,
+    max_samples: int = 0,
+    device="cpu",
+) -> dict:
     """Evaluate on the configured val sets: zero-shot (when classnames exist) + retrieval."""
     from pipeline.data import expand_shards, make_eval_loader, zeroshot_meta
 
     out: dict[str, float] = {}
     if val:
-        loader = make_eval_loader(expand_shards(val), preprocess, tokenizer, batch_size, max_samples)
+        loader = make_eval_loader(
+            expand_shards(val), preprocess, tokenizer, batch_size, max_samples
+        )
         out.update(evaluate_val(encode, loader, tokenizer, zeroshot_meta(val), device=device))
     if val_retrieval:
-        loader = make_eval_loader(expand_shards(val_retrieval), preprocess, tokenizer, batch_size, max_samples)
+        loader = make_eval_loader(
+            expand_shards(val_retrieval), preprocess, tokenizer, batch_size, max_samples
+        )
         out.update(evaluate_val(encode, loader, tokenizer, None, prefix="eval/ret_", device=device))
     return out
 
@@ -140,8 +162,10 @@ def describe(metrics: dict) -> str:
     parts = []
     for prefix, what in (("eval/", ""), ("eval/ret_", "retrieval set: ")):
         if prefix + "zeroshot_top1" in metrics:
-            parts.append(f"{what}zero-shot top-1 {metrics[prefix + 'zeroshot_top1']:.3f} "
-                         f"top-5 {metrics[prefix + 'zeroshot_top5']:.3f}")
+            parts.append(
+                f"{what}zero-shot top-1 {metrics[prefix + 'zeroshot_top1']:.3f} "
+                f"top-5 {metrics[prefix + 'zeroshot_top5']:.3f}"
+            )
         for d in ("i2t", "t2i"):
             if f"{prefix}{d}_r1" in metrics:
                 rs = "/".join(f"{metrics[f'{prefix}{d}_r{k}']:.3f}" for k in (1, 5, 10))
@@ -166,20 +190,34 @@ def run(args) -> int:
         if ckpt and Path(ckpt).is_dir():  # a dissect-export folder: its config names the model
             conf = Path(ckpt) / "open_clip_config.json"
             if not conf.is_file():
-                raise ConfigError(f"{ckpt} is a folder without open_clip_config.json: not an export")
-            name, ckpt = name or f"local-dir:{ckpt}", str(Path(ckpt) / "open_clip_pytorch_model.bin")
+                raise ConfigError(
+                    f"{ckpt} is a folder without open_clip_config.json: not an export"
+                )
+            name, ckpt = (
+                name or f"local-dir:{ckpt}",
+                str(Path(ckpt) / "open_clip_pytorch_model.bin"),
+            )
         if not (name and ckpt):
             raise ConfigError("give --run RUN_DIR, or --checkpoint FILE with --model NAME")
         if not Path(ckpt).is_file():
-            raise ConfigError(f"checkpoint {ckpt!r} does not exist (dissect-export RUN_DIR writes one)")
+            raise ConfigError(
+                f"checkpoint {ckpt!r} does not exist (dissect-export RUN_DIR writes one)"
+            )
         if not (val or val_ret):
             raise ConfigError("no val set: pass --val and/or --val-retrieval")
         bundle = build_model(name)
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         bundle.model.load_state_dict(state)
         bundle.model.eval()
-        metrics = evaluate_sets(model_encoder(bundle.model), bundle.tokenizer, bundle.preprocess_val,
-                                val, val_ret, args.batch_size, args.max_samples)
+        metrics = evaluate_sets(
+            model_encoder(bundle.model),
+            bundle.tokenizer,
+            bundle.preprocess_val,
+            val,
+            val_ret,
+            args.batch_size,
+            args.max_samples,
+        )
     except (ConfigError, FileNotFoundError) as err:
         print(f"dissect-eval: error: {err}", file=sys.stderr)
         return 2

@@ -55,7 +55,9 @@ def find_checkpoint(run_dir: Path, tag: str | None = None) -> Path:
         if not p.is_dir():
             raise ExportError(f"checkpoint {tag!r} not found under {ckpt_dir}")
         if not (p / ckpt.COMPLETE).is_file():
-            raise ExportError(f"checkpoint {p} has no {ckpt.COMPLETE} marker: its save did not finish")
+            raise ExportError(
+                f"checkpoint {p} has no {ckpt.COMPLETE} marker: its save did not finish"
+            )
         return p
     latest = ckpt.latest_tag(ckpt_dir)
     if latest is None:
@@ -96,7 +98,9 @@ def checkpoint_state_dict(ckpt_path: Path, trust: bool = False) -> tuple[dict, i
         state = {k: v.detach().float().clone() for k, v in meta["module"].items()}
         return state, 0, int(meta.get("dp_world_size", 1))
     if not optim_files:
-        raise ExportError(f"{ckpt_path} is a ZeRO-{stage} checkpoint without *_optim_states.pt files")
+        raise ExportError(
+            f"{ckpt_path} is a ZeRO-{stage} checkpoint without *_optim_states.pt files"
+        )
     from pipeline import engine  # DeepSpeed's zero_to_fp32 lives behind the engine module
 
     if not trust:
@@ -142,8 +146,10 @@ def write_model_dir(d: Path, name: str, state: dict) -> None:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ExportError(f"the checkpoint does not fit model {name!r}: {str(err)[:300]}") from None
-    conf = {"model_cfg": open_clip.get_model_config(name),
-            "preprocess_cfg": open_clip.get_model_preprocess_cfg(model)}
+    conf = {
+        "model_cfg": open_clip.get_model_config(name),
+        "preprocess_cfg": open_clip.get_model_preprocess_cfg(model),
+    }
     d.mkdir(parents=True)
     (d / CONFIG_FILE).write_text(json.dumps(conf, indent=2) + "\n")
     torch.save(state, d / WEIGHTS_FILE)
@@ -168,7 +174,9 @@ def check_loads(path: Path, model_name: str, state: dict) -> None:
     loaded = model.state_dict()
     for k, v in state.items():
         if k not in loaded or not torch.equal(loaded[k].float(), v):
-            raise ExportError(f"open_clip loaded {model_name!r} but {k!r} differs from the checkpoint")
+            raise ExportError(
+                f"open_clip loaded {model_name!r} but {k!r} differs from the checkpoint"
+            )
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -184,8 +192,13 @@ def _publish(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def export(run_dir: str | Path, out: str | Path, tag: str | None = None, trust: bool = False,
-           verify: bool = True) -> dict:
+def export(
+    run_dir: str | Path,
+    out: str | Path,
+    tag: str | None = None,
+    trust: bool = False,
+    verify: bool = True,
+) -> dict:
     """Write the checkpoint's weights to ``out`` (a folder, or a ``.pt`` state dict) atomically."""
     run_dir, out = Path(run_dir), Path(out)
     name = run_model_name(run_dir)
@@ -205,8 +218,15 @@ def export(run_dir: str | Path, out: str | Path, tag: str | None = None, trust: 
         if tmp.is_dir():
             shutil.rmtree(tmp)
         tmp.unlink(missing_ok=True)
-    return {"model": name, "checkpoint": str(ckpt_path), "zero_stage": stage, "world_size": world,
-            "tensors": len(state), "params": sum(v.numel() for v in state.values()), "out": str(out)}
+    return {
+        "model": name,
+        "checkpoint": str(ckpt_path),
+        "zero_stage": stage,
+        "world_size": world,
+        "tensors": len(state),
+        "params": sum(v.numel() for v in state.values()),
+        "out": str(out),
+    }
 
 
 def run(args) -> int:
@@ -216,8 +236,10 @@ def run(args) -> int:
     except ExportError as err:
         print(f"dissect-export: {err}", file=sys.stderr)
         return 2
-    print(f"exported {info['checkpoint']} (ZeRO-{info['zero_stage']}, {info['world_size']} rank(s), "
-          f"{info['params']:,} params) as {info['model']!r} -> {info['out']}")
+    print(
+        f"exported {info['checkpoint']} (ZeRO-{info['zero_stage']}, {info['world_size']} rank(s), "
+        f"{info['params']:,} params) as {info['model']!r} -> {info['out']}"
+    )
     return 0
 
 

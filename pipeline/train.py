@@ -16,7 +16,9 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="dissect-train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="YAML run config (see configs/)")
     ap.add_argument("--check", action="store_true", help="validate the config and paths, then exit")
-    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    ap.add_argument(
+        "--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS
+    )  # deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return ap.parse_args(argv)
 

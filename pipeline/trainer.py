@@ -50,7 +50,9 @@ def validate_paths(cfg: Config) -> list[str]:
     """Checks that need the filesystem, before any process group or model exists."""
     check_model_name(cfg.model.name)
     if not cfg.data.train:
-        raise ConfigError("data.train is empty: give the train shards (a directory or brace pattern)")
+        raise ConfigError(
+            "data.train is empty: give the train shards (a directory or brace pattern)"
+        )
     try:
         urls = expand_shards(cfg.data.train)
     except ConfigError as err:
@@ -119,12 +121,20 @@ class StepRunner:
     the caller says which step and epoch this is, and advances its own `TrainState`.
     """
 
-    def __init__(self, cfg: Config, dist: DistInfo, model: torch.nn.Module, total_steps: int,
-                 store_size: int, steps_per_epoch: int):
+    def __init__(
+        self,
+        cfg: Config,
+        dist: DistInfo,
+        model: torch.nn.Module,
+        total_steps: int,
+        store_size: int,
+        steps_per_epoch: int,
+    ):
         self.cfg, self.dist = cfg, dist
         self.engine = Engine(cfg, model, total_steps)
-        self.loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=dist.rank,
-                                world_size=dist.world_size)
+        self.loss_fn = ClipLoss(
+            local_loss=True, gather_with_grad=True, rank=dist.rank, world_size=dist.world_size
+        )
         self.selector: Selector | None = None
         if cfg.selection.method != "none":
             self.selector = Selector(cfg, self.engine, dist, store_size, steps_per_epoch)
@@ -151,8 +161,10 @@ class StepRunner:
         metrics["perf/train_s"] = time.perf_counter() - t0
         if self.selector is not None:
             self.selector.after_step(step)
-        metrics.update(loss=float(loss.detach().float().item()),
-                       logit_scale=float(scale.detach().float().item()))
+        metrics.update(
+            loss=float(loss.detach().float().item()),
+            logit_scale=float(scale.detach().float().item()),
+        )
         return metrics
 
 
@@ -199,12 +211,21 @@ class Trainer:
         self.bundle = build_model(cfg.model.name, seed=cfg.run.seed)
         seed_everything(cfg.run.seed * 7919 + d.rank)
         self.spec = StreamSpec(
-            urls=urls, batch_size=self.B, preprocess=self.bundle.preprocess_train,
-            tokenizer=self.bundle.tokenizer, seed=cfg.run.seed, rank=d.rank, world=W,
-            nworkers=cfg.data.workers, resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
+            urls=urls,
+            batch_size=self.B,
+            preprocess=self.bundle.preprocess_train,
+            tokenizer=self.bundle.tokenizer,
+            seed=cfg.run.seed,
+            rank=d.rank,
+            world=W,
+            nworkers=cfg.data.workers,
+            resampled=cfg.data.resampled,
+            shuffle_buffer=cfg.data.shuffle_buffer,
         )
         store_size = cfg.selection.store_size or ((max_uid(urls) or samples - 1) + 1)
-        self.stepper = StepRunner(cfg, d, self.bundle.model, self.total_steps, store_size, self.steps_per_epoch)
+        self.stepper = StepRunner(
+            cfg, d, self.bundle.model, self.total_steps, store_size, self.steps_per_epoch
+        )
         self.engine, self.selector = self.stepper.engine, self.stepper.selector
         self._warn_if_warmup_covers_the_run()
 
@@ -222,7 +243,9 @@ class Trainer:
 
     def _agree_on_resume(self) -> tuple[Path, str] | None:
         """Rank 0's reading of ``checkpoint.resume``, the same on every rank."""
-        where = ckpt.resolve(self.cfg.checkpoint.resume, self.ckpt_dir) if self.dist.is_main else None
+        where = (
+            ckpt.resolve(self.cfg.checkpoint.resume, self.ckpt_dir) if self.dist.is_main else None
+        )
         return broadcast_object(where)
 
     def _stored_result(self) -> dict | None:
@@ -235,7 +258,11 @@ class Trainer:
 
     def _warn_if_warmup_covers_the_run(self) -> None:
         sel = self.selector
-        if sel is not None and self.cfg.selection.method != "random" and sel.warmup_steps >= self.total_steps:
+        if (
+            sel is not None
+            and self.cfg.selection.method != "random"
+            and sel.warmup_steps >= self.total_steps
+        ):
             self._print(
                 f"dissect-train: warning: selection warm-up lasts {sel.warmup_steps} steps (the larger of "
                 f"selection.warmup_steps and warmup_epochs x {self.steps_per_epoch} steps/epoch) but the run "
@@ -268,8 +295,14 @@ class Trainer:
         checkpoint is never rewritten (a rewrite first withdraws its COMPLETE marker)."""
         if self.saved_step == self.state.step:
             return
-        ckpt.save(self.engine, self.ckpt_dir, self.state.step, self._states(), self.dist,
-                  self.cfg.checkpoint.keep)
+        ckpt.save(
+            self.engine,
+            self.ckpt_dir,
+            self.state.step,
+            self._states(),
+            self.dist,
+            self.cfg.checkpoint.keep,
+        )
         self.saved_step = self.state.step
 
     # --- the loop -----------------------------------------------------------------------------------
@@ -282,8 +315,12 @@ class Trainer:
         """(super-batch, seconds spent loading it) for every remaining step, epoch after epoch."""
         s = self.state
         while s.step < self.total_steps:
-            plan = EpochPlan(epoch=s.epoch, steps=self.steps_per_epoch, start_step=s.step_in_epoch,
-                             raw_pos=dict(s.raw_pos))
+            plan = EpochPlan(
+                epoch=s.epoch,
+                steps=self.steps_per_epoch,
+                start_step=s.step_in_epoch,
+                raw_pos=dict(s.raw_pos),
+            )
             t = time.perf_counter()
             for batch in make_loader(self.spec, plan):
                 yield batch, time.perf_counter() - t
@@ -295,15 +332,20 @@ class Trainer:
     def train(self) -> dict:
         """Every remaining step, then the final evaluation, checkpoint and weights."""
         if self.done is not None:
-            self._print(f"{self.run_dir} already finished at step {self.saved_step}; nothing to train "
-                        f"(its result: {self.run_dir / 'eval.json'})")
+            self._print(
+                f"{self.run_dir} already finished at step {self.saved_step}; nothing to train "
+                f"(its result: {self.run_dir / 'eval.json'})"
+            )
             return self.done
         self._t_start = time.time()
         self._bar = self._progress_bar()
         self.engine.train()
         for batch, data_s in self._batches():
             self._step(batch, data_s)
-            if self.state.step == self.cfg.run.stop_after_steps and self.state.step < self.total_steps:
+            if (
+                self.state.step == self.cfg.run.stop_after_steps
+                and self.state.step < self.total_steps
+            ):
                 return self._stop()
         if self._bar is not None:
             self._bar.close()
@@ -313,7 +355,9 @@ class Trainer:
         """One step on every rank: load -> select -> forward/loss -> backward/step -> log/eval/save."""
         cfg, s, W = self.cfg, self.state, self.dist.world_size
         self._account_data(batch)  # load: the data position, skipped samples summed over ranks
-        metrics = self.stepper.step(batch, s.step, s.epoch)  # select -> forward/loss -> backward/step
+        metrics = self.stepper.step(
+            batch, s.step, s.epoch
+        )  # select -> forward/loss -> backward/step
         trained = "train/skipped_nonfinite" not in metrics
         s.advance(seen=W * self.B, trained=W * cfg.data.batch_size if trained else 0)
         if s.bad_steps >= cfg.optim.max_bad_steps:
@@ -334,8 +378,10 @@ class Trainer:
     def _stop(self) -> dict:
         """run.stop_after_steps: checkpoint and exit, as a preempted job would."""
         self.save_checkpoint()
-        self._print(f"stopping at step {self.state.step} (run.stop_after_steps); resume with "
-                    "checkpoint.resume=latest")
+        self._print(
+            f"stopping at step {self.state.step} (run.stop_after_steps); resume with "
+            "checkpoint.resume=latest"
+        )
         self.sink.close()
         return {"step": self.state.step, "stopped": True}
 
@@ -398,14 +444,27 @@ class Trainer:
             img, txt, _ = self.engine.forward(images, tokens)
             return img, txt
 
-        metrics = evaluate_sets(encode, self.bundle.tokenizer, self.bundle.preprocess_val, cfg.data.val,
-                                cfg.data.val_retrieval, cfg.data.val_batch_size, cfg.data.max_val_samples,
-                                device=self.engine.device)
+        metrics = evaluate_sets(
+            encode,
+            self.bundle.tokenizer,
+            self.bundle.preprocess_val,
+            cfg.data.val,
+            cfg.data.val_retrieval,
+            cfg.data.val_batch_size,
+            cfg.data.max_val_samples,
+            device=self.engine.device,
+        )
         self.engine.train(True)
-        self.sink.log({"epoch": self.state.epoch + self.state.step_in_epoch / self.steps_per_epoch,
-                       "samples_seen": self.state.samples_seen,
-                       "samples_trained": self.state.samples_trained,
-                       "time_s": time.time() - self._t_start, **metrics}, self.state.step)
+        self.sink.log(
+            {
+                "epoch": self.state.epoch + self.state.step_in_epoch / self.steps_per_epoch,
+                "samples_seen": self.state.samples_seen,
+                "samples_trained": self.state.samples_trained,
+                "time_s": time.time() - self._t_start,
+                **metrics,
+            },
+            self.state.step,
+        )
         self._print(f"eval @ step {self.state.step}: {describe(metrics)}")
         return metrics
 
@@ -429,14 +488,18 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.total_steps, initial=self.state.step, desc="train", dynamic_ncols=True)
+        return tqdm(
+            total=self.total_steps, initial=self.state.step, desc="train", dynamic_ncols=True
+        )
 
     def _progress_line(self, metrics: dict) -> None:
         """Without a terminal (a log file, CI, SLURM): one line every log.progress_every_s seconds,
         and at the first and last step."""
         s, now = self.state, time.time()
         due = now - self._last_progress >= self.cfg.log.progress_every_s
-        if not (self.dist.is_main and self.cfg.log.progress) or not (due or s.step in (1, self.total_steps)):
+        if not (self.dist.is_main and self.cfg.log.progress) or not (
+            due or s.step in (1, self.total_steps)
+        ):
             return
         self._last_progress = now
         step_s = sum(v for k, v in metrics.items() if k.startswith("perf/"))
@@ -444,8 +507,10 @@ class Trainer:
         # the ETA uses this run's mean step time (the first step's start-up cost amortises away)
         done = s.step - self.start_step
         eta = (now - self._t_start) / max(done, 1) * (self.total_steps - s.step)
-        line = (f"step {s.step}/{self.total_steps} ({100 * s.step / self.total_steps:.0f}%) "
-                f"epoch {s.epoch} | loss {metrics['loss']:.4f} | {rate:.0f} samples/s | ETA {_hms(eta)}")
+        line = (
+            f"step {s.step}/{self.total_steps} ({100 * s.step / self.total_steps:.0f}%) "
+            f"epoch {s.epoch} | loss {metrics['loss']:.4f} | {rate:.0f} samples/s | ETA {_hms(eta)}"
+        )
         if "select/kept_noisy_frac" in metrics:
             line += f" | kept noisy {metrics['select/kept_noisy_frac']:.3f}"
         self._print(line)

@@ -58,7 +58,9 @@ def _suite_training_processes() -> list:
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if proc.pid == os.getpid() or "pipeline.train" not in " ".join(proc.info["cmdline"] or []):
+            if proc.pid == os.getpid() or "pipeline.train" not in " ".join(
+                proc.info["cmdline"] or []
+            ):
                 continue
             with open(f"/proc/{proc.pid}/environ", "rb") as f:
                 if mark in f.read().split(b"\0"):
@@ -76,8 +78,11 @@ def pytest_sessionfinish(session, exitstatus):
     if not leftovers:
         return
     lines = [f"  pid {p.pid}: {' '.join(p.info['cmdline'] or [])[:200]}" for p in leftovers]
-    sys.stderr.write("\nFAILED: training processes started by the test suite are still alive:\n"
-                     + "\n".join(lines) + "\n(killed now)\n")
+    sys.stderr.write(
+        "\nFAILED: training processes started by the test suite are still alive:\n"
+        + "\n".join(lines)
+        + "\n(killed now)\n"
+    )
     for p in leftovers:
         try:
             p.kill()

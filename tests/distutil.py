@@ -23,11 +23,19 @@ from pipeline.dist import free_port  # noqa: F401  (re-exported for the tests)
 def _entry(rank, world, port, fn, args, out_dir):
     import torch.distributed as dist
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     import pipeline  # noqa: F401
 
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         result = ("ok", fn(rank, world, *args))
     except BaseException:  # noqa: BLE001 - report any failure to the parent
@@ -43,7 +51,9 @@ def run_ranks(fn, world: int, args: tuple = (), timeout: float = 120):
     out_dir = tempfile.mkdtemp(prefix="ranks")
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, out_dir)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_entry, args=(r, world, port, fn, args, out_dir)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     deadline = __import__("time").time() + timeout

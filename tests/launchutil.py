@@ -26,17 +26,42 @@ LAUNCH = ROOT / "launch"
 CONFIG = str(ROOT / "configs" / "tiny-cpu.yaml")
 
 # overrides a shell would mangle if a launcher did not quote them: they must arrive untouched
-TRICKY = ["run.name=with space", "data.train=/d/{00000..00003}.tar", "optim.lr=$HOME", "log.every_steps=*"]
+TRICKY = [
+    "run.name=with space",
+    "data.train=/d/{00000..00003}.tar",
+    "optim.lr=$HOME",
+    "log.every_steps=*",
+]
 
 # launch/env.sh settings and scheduler variables that must not leak in from the caller's shell
-_LAUNCH_VARS = ("DISSECT_CHECK", "DISSECT_RDZV_TIMEOUT_S", "DISSECT_KILL_GRACE_S", "NPROC", "NPROC_PER_NODE",
-                "LAUNCHER", "TORCHRUN", "DEEPSPEED", "PYTHON", "IFNAME", "NCCL_SOCKET_IFNAME",
-                "GLOO_SOCKET_IFNAME", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                "DS_ENV_FILE", "LOG_DIR", "DRY_RUN")
+_LAUNCH_VARS = (
+    "DISSECT_CHECK",
+    "DISSECT_RDZV_TIMEOUT_S",
+    "DISSECT_KILL_GRACE_S",
+    "NPROC",
+    "NPROC_PER_NODE",
+    "LAUNCHER",
+    "TORCHRUN",
+    "DEEPSPEED",
+    "PYTHON",
+    "IFNAME",
+    "NCCL_SOCKET_IFNAME",
+    "GLOO_SOCKET_IFNAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "DS_ENV_FILE",
+    "LOG_DIR",
+    "DRY_RUN",
+)
 
 
 def launch_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("SLURM_")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("SLURM_")
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
@@ -44,21 +69,36 @@ def launch_env(**extra: str) -> dict:
 
 def run(cmd: list, timeout: float, env: dict | None = None, cwd: Path = ROOT):
     """Run to completion; on timeout kill the whole process tree and fail."""
-    p = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env or launch_env(), text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    p = subprocess.Popen(
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env=env or launch_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_all([p])
         out, err = p.communicate()
-        pytest.fail(f"{cmd[0]} timed out after {timeout}s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+        pytest.fail(
+            f"{cmd[0]} timed out after {timeout}s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+        )
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def start(cmd: list, log: Path, env: dict | None = None, cwd: Path = ROOT) -> subprocess.Popen:
     f = open(log, "w")
-    return subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env or launch_env(), stdout=f,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env=env or launch_env(),
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: float, logs: list[Path]) -> list[int]:
@@ -149,22 +189,32 @@ def make_shards(tmp_path_factory) -> Path:
     """Digit shards for real runs (each test module wraps this in a module-scoped fixture)."""
     d = tmp_path_factory.mktemp("launch_shards")
     write_digit_shards(d / "train", n_shards=4, per_shard=64, noise=0.2)
-    write_digit_shards(d / "val", n_shards=1, per_shard=64, seed=1, uid_offset=10_000, with_val_meta=True)
+    write_digit_shards(
+        d / "val", n_shards=1, per_shard=64, seed=1, uid_offset=10_000, with_val_meta=True
+    )
     return d
 
 
 def make_recorder(tmp_path: Path) -> tuple[Path, Path]:
     """A fake launcher binary that records its argv (one per line) instead of starting anything."""
     rec = tmp_path / "recorded"
-    fake = write_fake(tmp_path / "fake-launcher", f'printf "%s\\n" "$@" > {shlex.quote(str(rec))}\n')
+    fake = write_fake(
+        tmp_path / "fake-launcher", f'printf "%s\\n" "$@" > {shlex.quote(str(rec))}\n'
+    )
     return fake, rec
 
 
 def dissect_overrides(shards: Path, run_dir: Path) -> list[str]:
     # 2 ranks x super-batch 32 = 64 samples a step; 256 train samples = 4 steps an epoch
-    return [f"data.train={shards / 'train'}", f"run.dir={run_dir}", "deepspeed.zero_stage=2",
-            "selection.method=dissect", "selection.ratio=0.5", "data.batch_size=16",
-            "selection.warmup_steps=4"]
+    return [
+        f"data.train={shards / 'train'}",
+        f"run.dir={run_dir}",
+        "deepspeed.zero_stage=2",
+        "selection.method=dissect",
+        "selection.ratio=0.5",
+        "data.batch_size=16",
+        "selection.warmup_steps=4",
+    ]
 
 
 def entry_points(tmp_path: Path, fake: Path) -> tuple[dict, dict]:
@@ -174,15 +224,27 @@ def entry_points(tmp_path: Path, fake: Path) -> tuple[dict, dict]:
     bin_dir.mkdir(exist_ok=True)
     write_fake(bin_dir / "srun", f'exec {shlex.quote(str(fake))} "$@"\n')
     write_fake(bin_dir / "scontrol", "echo localhost\n")
-    env = launch_env(TORCHRUN=str(fake), DEEPSPEED=str(fake), PATH=f"{bin_dir}:{os.environ['PATH']}",
-                     SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=str(tmp_path))
+    env = launch_env(
+        TORCHRUN=str(fake),
+        DEEPSPEED=str(fake),
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="7",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_SUBMIT_DIR=str(tmp_path),
+    )
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     return env, {
         "single_node": [LAUNCH / "single_node.sh"],
         "multi_node deepspeed": [LAUNCH / "multi_node.sh", "deepspeed", "--hostfile", hostfile],
-        "multi_node torchrun": [LAUNCH / "multi_node.sh", "torchrun", "--nnodes", "2", "--rdzv-endpoint",
-                                "127.0.0.1:29400"],
+        "multi_node torchrun": [
+            LAUNCH / "multi_node.sh",
+            "torchrun",
+            "--nnodes",
+            "2",
+            "--rdzv-endpoint",
+            "127.0.0.1:29400",
+        ],
         "slurm": ["bash", LAUNCH / "slurm.sbatch"],
     }
 

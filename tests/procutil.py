@@ -32,8 +32,15 @@ def _env() -> dict:
 
 def run_cmd(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     """Run to completion; on timeout kill the process group and raise TimeoutExpired."""
-    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
+    p = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -78,8 +85,9 @@ def stop_tree(pid: int, grace: float = 5.0) -> None:
 def start_cmd(cmd: list[str], log: Path) -> subprocess.Popen:
     """Start in the background, stdout+stderr to ``log``."""
     f = open(log, "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def kill_all(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

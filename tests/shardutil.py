@@ -33,8 +33,13 @@ def png_bytes(arr8x8: np.ndarray) -> bytes:
 
 
 def write_digit_shards(
-    out: Path, n_shards: int = 4, per_shard: int = 64, noise: float = 0.0, seed: int = 0,
-    uid_offset: int = 0, with_val_meta: bool = False,
+    out: Path,
+    n_shards: int = 4,
+    per_shard: int = 64,
+    noise: float = 0.0,
+    seed: int = 0,
+    uid_offset: int = 0,
+    with_val_meta: bool = False,
 ) -> list[str]:
     images, labels = digits()
     rng = np.random.default_rng(seed)
@@ -53,8 +58,14 @@ def write_digit_shards(
                 cap_lab = (lab + 1 + rng.integers(9)) % 10 if noisy[i] else lab
                 caption = PHRASES[i % len(PHRASES)].format(NAMES[cap_lab])
                 meta = {"uid": uid_offset + i, "label": lab, "noisy": bool(noisy[i])}
-                tw.write({"__key__": f"{s:05d}{j:04d}", "png": png_bytes(images[idx[i]]),
-                          "txt": caption, "json": json.dumps(meta)})
+                tw.write(
+                    {
+                        "__key__": f"{s:05d}{j:04d}",
+                        "png": png_bytes(images[idx[i]]),
+                        "txt": caption,
+                        "json": json.dumps(meta),
+                    }
+                )
         urls.append(str(path))
         shards.append({"name": path.name, "samples": per_shard})
     manifest = {"shards": shards, "total": n, "max_uid": uid_offset + n - 1}

@@ -34,7 +34,11 @@ def _tokenize(captions):
 
 
 def _good(uid: int) -> dict:
-    return {"png": IMG, "txt": b"a photo of the digit one.", "json": json.dumps({"uid": uid}).encode()}
+    return {
+        "png": IMG,
+        "txt": b"a photo of the digit one.",
+        "json": json.dumps({"uid": uid}).encode(),
+    }
 
 
 # each bad sample and the reason it must be counted under
@@ -72,8 +76,15 @@ def test_decode_counts_reason(case_id, patch, reason):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("meta", [b'{"uid": 4, "label": NaN}', b'{"uid": 4, "label": 1e999}',
-                                  b'{"uid": 4, "label": "cat"}', b'{"uid": 4, "noisy": "yes"}'])
+@pytest.mark.parametrize(
+    "meta",
+    [
+        b'{"uid": 4, "label": NaN}',
+        b'{"uid": 4, "label": 1e999}',
+        b'{"uid": 4, "label": "cat"}',
+        b'{"uid": 4, "noisy": "yes"}',
+    ],
+)
 def test_odd_optional_fields_do_not_crash(meta):
     """Optional fields that are malformed fall back to their defaults; the sample is kept."""
     out = decode_sample(_sample(4, {"json": meta}), _preprocess)
@@ -88,8 +99,15 @@ def _write_shard(path: Path, samples: list[dict]) -> str:
 
 
 def _stream(urls: list[str], batch: int = 8, steps: int = 1 << 20, shuffle: bool = False, **kw):
-    spec = StreamSpec(urls=urls, batch_size=batch, preprocess=_preprocess, tokenizer=_tokenize,
-                      shuffle=shuffle, shuffle_buffer=0, **kw)
+    spec = StreamSpec(
+        urls=urls,
+        batch_size=batch,
+        preprocess=_preprocess,
+        tokenizer=_tokenize,
+        shuffle=shuffle,
+        shuffle_buffer=0,
+        **kw,
+    )
     return ShardStream(spec, EpochPlan(epoch=0, steps=steps))
 
 
@@ -108,7 +126,10 @@ def test_stream_skips_and_counts_every_bad_sample(tmp_path):
     good = [_sample(i, {}) for i in range(40)]
     bad = [_sample(100 + i, patch) for i, (_, patch, _) in enumerate(BAD_SAMPLES)]
     mixed = [s for pair in zip(good[:16], bad) for s in pair] + good[16:]
-    urls = [_write_shard(tmp_path / "00000.tar", mixed), _write_shard(tmp_path / "00001.tar", good[:8])]
+    urls = [
+        _write_shard(tmp_path / "00000.tar", mixed),
+        _write_shard(tmp_path / "00001.tar", good[:8]),
+    ]
     uids, skipped, shards = _drain(_stream(urls))
     assert sorted(uids) == sorted(list(range(40)) + list(range(8)))  # every good sample, no bad one
     want: dict = {}
@@ -133,7 +154,11 @@ def _member_offsets(path: str) -> list[tuple[int, int]]:
 def test_truncated_tar_is_named_and_the_rest_is_read(tmp_path, where):
     urls = _digit_shards(tmp_path, n=3, per=24)
     header, data = _member_offsets(urls[1])[37]  # a member of sample 12 of 24
-    cut = {"in-member-data": data + 100, "at-member-header": header, "in-member-header": header + 200}[where]
+    cut = {
+        "in-member-data": data + 100,
+        "at-member-header": header,
+        "in-member-header": header + 200,
+    }[where]
     Path(urls[1]).write_bytes(Path(urls[1]).read_bytes()[:cut])
     uids, skipped, shards = _drain(_stream(urls, batch=4))
     # tarfile ends quietly at a cut header: only the end-of-archive check sees those
@@ -199,9 +224,21 @@ def _bad_image_shard(path: Path, uid0: int, n: int) -> None:
 
 def _train(tmp_path: Path, train: Path, *extra: str):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pipeline.train", "--config", "configs/tiny-cpu.yaml",
-           f"data.train={train}", f"run.dir={run}", "optim.max_steps=6", "log.every_steps=2",
-           "eval.at_end=false", "log.tensorboard=false", "log.progress=false", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        "--config",
+        "configs/tiny-cpu.yaml",
+        f"data.train={train}",
+        f"run.dir={run}",
+        "optim.max_steps=6",
+        "log.every_steps=2",
+        "eval.at_end=false",
+        "log.tensorboard=false",
+        "log.progress=false",
+        *extra,
+    ]
     return run_cmd(cmd, timeout=150), run
 
 

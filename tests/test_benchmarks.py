@@ -18,11 +18,19 @@ def test_selection_benchmark_quick(tmp_path):
     spec = {
         "metric": "eval/zeroshot_top1",
         "methods": ["none", "dissect:memory"],
-        "base": {"data": {"train": str(tmp_path / "train"), "val": str(tmp_path / "val"),
-                          "batch_size": 16, "workers": 0},
-                 "model": {"name": "tiny-vit"}, "optim": {"lr": 2e-3, "epochs": 8},
-                 "selection": {"ratio": 0.5, "warmup_epochs": 2},
-                 "eval": {"every_steps": 10}, "log": {"every_steps": 5, "progress": False}},
+        "base": {
+            "data": {
+                "train": str(tmp_path / "train"),
+                "val": str(tmp_path / "val"),
+                "batch_size": 16,
+                "workers": 0,
+            },
+            "model": {"name": "tiny-vit"},
+            "optim": {"lr": 2e-3, "epochs": 8},
+            "selection": {"ratio": 0.5, "warmup_epochs": 2},
+            "eval": {"every_steps": 10},
+            "log": {"every_steps": 5, "progress": False},
+        },
         "quick": {"optim": {"epochs": 3}},
     }
     cfg = tmp_path / "bench.yaml"
@@ -48,8 +56,23 @@ def test_overhead_benchmark(tmp_path):
     from benchmarks.overhead import main
 
     out = tmp_path / "overhead.md"
-    assert main(["--worlds", "2", "--super-batch", "40,80", "--reps", "2", "--image-elems", "48",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--worlds",
+                "2",
+                "--super-batch",
+                "40,80",
+                "--reps",
+                "2",
+                "--image-elems",
+                "48",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = out.read_text()
     assert text.count("\n| 2 |") == 2 and "MB" in text
 
@@ -59,8 +82,25 @@ def test_throughput_benchmark_cpu(tmp_path):
     from benchmarks.throughput import main
 
     out = tmp_path / "thr.json"
-    assert main(["--batch", "8", "--ratio", "0.5", "--steps", "2", "--warmup", "1",
-                 "--methods", "none@B,dissect:memory", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--batch",
+                "8",
+                "--ratio",
+                "0.5",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--methods",
+                "none@B,dissect:memory",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())["results"]
     assert [r["loaded_batch"] for r in res] == [16, 16] and res[1]["train_batch"] == 8
     assert all(r["step_s"] > 0 for r in res)

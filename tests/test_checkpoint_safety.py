@@ -121,7 +121,11 @@ def test_checkpoint_files_are_on_disk_before_complete(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(ckpt, "_atomic_write", atomic)
     _save(tmp_path, 2)
-    files = {os.path.realpath(p) for p in (tmp_path / "step_00000002").iterdir() if p.name != ckpt.COMPLETE}
+    files = {
+        os.path.realpath(p)
+        for p in (tmp_path / "step_00000002").iterdir()
+        if p.name != ckpt.COMPLETE
+    }
     assert files and files <= seen_at_complete[0], files - seen_at_complete[0]
 
 
@@ -162,14 +166,31 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _cmd(shards: Path, run: Path, *extra: str, nproc: int = 1) -> list[str]:
-    head = [sys.executable, "-m", "pipeline.train"] if nproc == 1 else [*torchrun(nproc), "-m", "pipeline.train"]
-    return [*head, "--config", "configs/tiny-cpu.yaml", f"data.train={shards}", f"run.dir={run}",
-            "data.batch_size=16", "optim.epochs=10", "eval.at_end=false", "log.tensorboard=false", "log.progress=false",
-            "log.every_steps=1", *extra]
+    head = (
+        [sys.executable, "-m", "pipeline.train"]
+        if nproc == 1
+        else [*torchrun(nproc), "-m", "pipeline.train"]
+    )
+    return [
+        *head,
+        "--config",
+        "configs/tiny-cpu.yaml",
+        f"data.train={shards}",
+        f"run.dir={run}",
+        "data.batch_size=16",
+        "optim.epochs=10",
+        "eval.at_end=false",
+        "log.tensorboard=false",
+        "log.progress=false",
+        "log.every_steps=1",
+        *extra,
+    ]
 
 
 def _rows(run: Path) -> list[dict]:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return [
+        r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
 
 
 def _resumed_step(stderr: str) -> int:
@@ -181,7 +202,9 @@ def _resumed_step(stderr: str) -> int:
 @pytest.mark.timeout(200)
 def test_resume_skips_a_save_that_never_finished(shards, tmp_path):
     run = tmp_path / "run"
-    p = run_cmd(_cmd(shards, run, "optim.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep=0"), 120)
+    p = run_cmd(
+        _cmd(shards, run, "optim.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep=0"), 120
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     ck = run / "checkpoints"
     # a save of step 6 that died halfway, and `latest` already moved to it
@@ -189,13 +212,25 @@ def test_resume_skips_a_save_that_never_finished(shards, tmp_path):
     (ck / "step_00000006" / ckpt.COMPLETE).unlink()
     (ck / "step_00000006" / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 100)
     (ck / "latest").write_text("step_00000006\n")
-    p = run_cmd(_cmd(shards, run, "optim.max_steps=10", "checkpoint.every_steps=2", "checkpoint.keep=2",
-                     "checkpoint.resume=latest"), 120)
+    p = run_cmd(
+        _cmd(
+            shards,
+            run,
+            "optim.max_steps=10",
+            "checkpoint.every_steps=2",
+            "checkpoint.keep=2",
+            "checkpoint.resume=latest",
+        ),
+        120,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert _resumed_step(p.stderr) == 4
     steps = [r["step"] for r in _rows(run)]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], steps
-    assert ckpt.complete_tags(ck) == ["step_00000008", "step_00000010"]  # keep=2, the broken 6 replaced
+    assert ckpt.complete_tags(ck) == [
+        "step_00000008",
+        "step_00000010",
+    ]  # keep=2, the broken 6 replaced
     assert ckpt.latest_tag(ck) == "step_00000010"
 
 
@@ -205,7 +240,11 @@ def _kill_mid_save(p, ck: Path, min_complete: int, deadline_s: float) -> tuple[s
     end = time.monotonic() + deadline_s
     while time.monotonic() < end and p.poll() is None:
         if ck.is_dir() and len(ckpt.complete_tags(ck)) >= min_complete:
-            open_ = [e.name for e in os.scandir(ck) if e.is_dir() and not os.path.exists(os.path.join(e.path, ckpt.COMPLETE))]
+            open_ = [
+                e.name
+                for e in os.scandir(ck)
+                if e.is_dir() and not os.path.exists(os.path.join(e.path, ckpt.COMPLETE))
+            ]
             if open_:
                 kill_all(p, signal.SIGKILL)
                 tag = max(open_)
@@ -225,7 +264,9 @@ def _kill_and_resume(shards: Path, tmp_path: Path, total: int, nproc: int, *extr
     args = (f"optim.max_steps={total}", "checkpoint.every_steps=1", "checkpoint.keep=2", *extra)
     p = start_cmd(_cmd(shards, run, *args, nproc=nproc), tmp_path / "first.log")
     tag, mid_save = _kill_mid_save(p, ck, min_complete=2, deadline_s=120)
-    assert p.returncode == -signal.SIGKILL or p.returncode != 0, (tmp_path / "first.log").read_text()[-3000:]
+    assert p.returncode == -signal.SIGKILL or p.returncode != 0, (
+        tmp_path / "first.log"
+    ).read_text()[-3000:]
     assert tag is not None, "no checkpoint was being written before the deadline"
     print(f"killed while writing {tag} (still incomplete after the kill: {mid_save})")
     before = _snapshot(run)
@@ -241,7 +282,7 @@ def _kill_and_resume(shards: Path, tmp_path: Path, total: int, nproc: int, *extr
     assert start == int(good.split("_")[1])
     # metrics.jsonl is appended to: rows the killed run logged after its last checkpoint stay
     steps = [r["step"] for r in _rows(run)]
-    assert steps[-(total - start):] == list(range(start + 1, total + 1)), steps
+    assert steps[-(total - start) :] == list(range(start + 1, total + 1)), steps
     assert (run / "model.pt").is_file() and ckpt.latest_tag(ck) == ckpt.tag_for(total)
 
 

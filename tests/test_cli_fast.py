@@ -25,17 +25,22 @@ print("RESULT", rc, heavy)
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("module,fn,argv,rc", [
-    ("train", "main", ["--help"], 0),
-    ("cli", "eval_main", ["--help"], 0),
-    ("cli", "export_main", ["--help"], 0),
-    ("train", "main", ["--config", "configs/tiny-cpu.yaml", "optim.lr=abc"], 2),
-    ("train", "main", ["--config", "configs/tiny-cpu.yaml", "optim.nope=1"], 2),
-    ("train", "main", ["--config", "no/such.yaml"], 2),
-])
+@pytest.mark.parametrize(
+    "module,fn,argv,rc",
+    [
+        ("train", "main", ["--help"], 0),
+        ("cli", "eval_main", ["--help"], 0),
+        ("cli", "export_main", ["--help"], 0),
+        ("train", "main", ["--config", "configs/tiny-cpu.yaml", "optim.lr=abc"], 2),
+        ("train", "main", ["--config", "configs/tiny-cpu.yaml", "optim.nope=1"], 2),
+        ("train", "main", ["--config", "no/such.yaml"], 2),
+    ],
+)
 def test_answers_without_importing_torch(module, fn, argv, rc):
     code = PROBE.format(module=module, fn=fn, argv=argv)
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     result = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
     assert result == [f"RESULT {rc} []"], p.stdout[-2000:] + p.stderr[-2000:]
     if rc == 2:
@@ -43,7 +48,9 @@ def test_answers_without_importing_torch(module, fn, argv, rc):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("script", ["dissect-train", "dissect-eval", "dissect-export", "dissect-prep"])
+@pytest.mark.parametrize(
+    "script", ["dissect-train", "dissect-eval", "dissect-export", "dissect-prep"]
+)
 def test_console_scripts_answer_help(script):
     p = subprocess.run([str(BIN / script), "--help"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "usage:" in p.stdout, p.stderr[-2000:]

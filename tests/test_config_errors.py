@@ -104,8 +104,12 @@ BAD: list[tuple[str, str | None, list[str], str]] = [
     ("ratio-zero", None, ["selection.ratio=0"], "selection.ratio"),
     ("ratio-above-one", None, ["selection.ratio=1.5"], "selection.ratio"),
     ("ratio-negative", None, ["selection.ratio=-0.2"], "selection.ratio"),
-    ("super-batch-fraction", None, ["selection.method=dissect", "selection.ratio=0.3"],
-     "data.batch_size / selection.ratio"),
+    (
+        "super-batch-fraction",
+        None,
+        ["selection.method=dissect", "selection.ratio=0.3"],
+        "data.batch_size / selection.ratio",
+    ),
     ("ema-momentum-one", None, ["selection.ema_momentum=1"], "selection.ema_momentum"),
     ("unknown-method", None, ["selection.method=dissct"], "selection.method"),
     ("unknown-history", None, ["selection.history=moving"], "selection.history"),
@@ -115,7 +119,12 @@ BAD: list[tuple[str, str | None, list[str], str]] = [
     ("negative-keep", None, ["checkpoint.keep=-1"], "checkpoint.keep"),
     ("negative-eval-every", None, ["eval.every_steps=-10"], "eval.every_steps"),
     # paths
-    ("missing-train-shard", None, ["data.train=/nonexistent/shards/{{0..3}}.tar"], "/nonexistent/shards/0.tar"),
+    (
+        "missing-train-shard",
+        None,
+        ["data.train=/nonexistent/shards/{{0..3}}.tar"],
+        "/nonexistent/shards/0.tar",
+    ),
     ("empty-train-dir", None, ["data.train={empty}"], "holds no .tar shards"),
     ("no-tar-in-dir", None, ["data.train={notar}"], "holds no .tar shards"),
     ("no-train-at-all", None, ["data.train=[]"], "data.train"),
@@ -130,7 +139,12 @@ BAD: list[tuple[str, str | None, list[str], str]] = [
     ("override-no-equals", None, ["data.batch_size"], "section.key=value"),
     ("override-empty-key", None, ["=5"], "section.key=value"),
     ("override-space-in-key", None, ["data. batch_size=5"], "section.key=value"),
-    ("override-through-scalar", None, ["data.batch_size=4", "data.batch_size.x=1"], "data.batch_size"),
+    (
+        "override-through-scalar",
+        None,
+        ["data.batch_size=4", "data.batch_size.x=1"],
+        "data.batch_size",
+    ),
     ("yaml-not-mapping", "- a\n- b\n", [], "must hold a mapping"),
     ("yaml-scalar", "just words\n", [], "must hold a mapping"),
     ("yaml-invalid", "data: {batch_size: 32\n", [], "is not valid YAML"),
@@ -178,8 +192,16 @@ def test_good_config_passes(capsys, tmp_path, dirs, case_id, overrides):
 def test_cli_prints_exactly_one_line(dirs):
     """The real command line (one case: each costs ~7 s of imports): nothing else reaches stderr,
     no warning from importing DeepSpeed, no traceback."""
-    cmd = [sys.executable, "-m", "pipeline.train", "--config", str(TINY),
-           f"data.train={dirs['train']}", "deepspeed.zero_stage=4", "--check"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        "--config",
+        str(TINY),
+        f"data.train={dirs['train']}",
+        "deepspeed.zero_stage=4",
+        "--check",
+    ]
     p = run_cmd(cmd, timeout=100)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2, p.stderr
@@ -187,8 +209,9 @@ def test_cli_prints_exactly_one_line(dirs):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("override", ["data.train=/nonexistent/x.tar", "data.train={empty}",
-                                      "data.val={badtpl}"])
+@pytest.mark.parametrize(
+    "override", ["data.train=/nonexistent/x.tar", "data.train={empty}", "data.val={badtpl}"]
+)
 def test_path_errors_name_the_field(capsys, tmp_path, dirs, override):
     rc, lines = _run(capsys, tmp_path, dirs, None, [override])
     field = override.split("=")[0]

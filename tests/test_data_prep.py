@@ -500,8 +500,12 @@ def test_mosaics_are_four_distinct_items_named_in_reading_order():
 def test_only_http_urls_are_fetched(tmp_path):
     """file:// (or any non-http) urls would copy local files into shards: dropped and counted."""
     p = tmp_path / "list.parquet"
-    pd.DataFrame({"url": ["file:///etc/passwd", "ftp://h/x.jpg", "HTTPS://h/ok.jpg", "../../x.jpg"],
-                  "caption": ["a", "b", "c", "d"]}).to_parquet(p)
+    pd.DataFrame(
+        {
+            "url": ["file:///etc/passwd", "ftp://h/x.jpg", "HTTPS://h/ok.jpg", "../../x.jpg"],
+            "caption": ["a", "b", "c", "d"],
+        }
+    ).to_parquet(p)
     prepared = prepare_url_list(p, tmp_path / "parts")
     assert prepared.kept == 1
     assert prepared.skipped == {"unsupported_url_scheme": 3}

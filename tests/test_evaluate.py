@@ -39,7 +39,11 @@ def test_zero_shot_with_a_perfect_encoder():
         return torch.tensor([[next(i for i, c in enumerate(classes) if c in t)] for t in texts])
 
     def encode(images, tokens):
-        img = torch.nn.functional.one_hot(images[:, 0, 0, 0].long(), 3).float() if images is not None else None
+        img = (
+            torch.nn.functional.one_hot(images[:, 0, 0, 0].long(), 3).float()
+            if images is not None
+            else None
+        )
         txt = torch.nn.functional.one_hot(tokens[:, 0], 3).float() if tokens is not None else None
         return img, txt
 

@@ -24,8 +24,15 @@ from shardutil import digits, write_digit_shards
 from pipeline.export import main
 from pipeline.model import register_model_configs
 
-COMMON = ["--config", "configs/tiny-cpu.yaml", "optim.max_steps=4", "checkpoint.every_steps=2",
-          "eval.at_end=false", "log.tensorboard=false", "log.progress=false"]
+COMMON = [
+    "--config",
+    "configs/tiny-cpu.yaml",
+    "optim.max_steps=4",
+    "checkpoint.every_steps=2",
+    "eval.at_end=false",
+    "log.tensorboard=false",
+    "log.progress=false",
+]
 
 
 def _train(cmd: list[str], run_dir: Path, timeout: int) -> Path:
@@ -45,15 +52,29 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def zero3_run(shards) -> Path:
     run = shards.parent / "z3"
-    cmd = [*torchrun(2), "-m", "pipeline.train", *COMMON, f"data.train={shards}", f"run.dir={run}",
-           "deepspeed.zero_stage=3"]
+    cmd = [
+        *torchrun(2),
+        "-m",
+        "pipeline.train",
+        *COMMON,
+        f"data.train={shards}",
+        f"run.dir={run}",
+        "deepspeed.zero_stage=3",
+    ]
     return _train(cmd, run, timeout=240)
 
 
 @pytest.fixture(scope="module")
 def zero0_run(shards) -> Path:
     run = shards.parent / "z0"
-    cmd = [sys.executable, "-m", "pipeline.train", *COMMON, f"data.train={shards}", f"run.dir={run}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        *COMMON,
+        f"data.train={shards}",
+        f"run.dir={run}",
+    ]
     return _train(cmd, run, timeout=180)
 
 
@@ -63,8 +84,12 @@ def _features(path: Path, name: str = "tiny-vit") -> tuple[torch.Tensor, torch.T
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path))
     model.eval()
     imgs, labels = digits()
-    batch = torch.stack([preprocess(Image.fromarray((imgs[i] * 15).astype(np.uint8))) for i in range(8)])
-    tokens = open_clip.get_tokenizer(name)([f"a photo of the digit {int(labels[i])}." for i in range(8)])
+    batch = torch.stack(
+        [preprocess(Image.fromarray((imgs[i] * 15).astype(np.uint8))) for i in range(8)]
+    )
+    tokens = open_clip.get_tokenizer(name)(
+        [f"a photo of the digit {int(labels[i])}." for i in range(8)]
+    )
     with torch.no_grad():
         return model.encode_image(batch, normalize=True), model.encode_text(tokens, normalize=True)
 
@@ -81,7 +106,9 @@ def test_zero3_two_ranks_export_matches_model_pt(zero3_run, tmp_path):
     assert (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()  # really partitioned
     out = tmp_path / "model.pt"
     assert _export(zero3_run, out) == 0
-    assert set(torch.load(out, weights_only=True)) == set(torch.load(zero3_run / "model.pt", weights_only=True))
+    assert set(torch.load(out, weights_only=True)) == set(
+        torch.load(zero3_run / "model.pt", weights_only=True)
+    )
     img, txt = _features(out)
     ref_img, ref_txt = _features(zero3_run / "model.pt")
     torch.testing.assert_close(img, ref_img, atol=1e-5, rtol=1e-4)
@@ -167,7 +194,9 @@ def _run_snippet(export_dir: Path, cwd: Path) -> str:
     code = readme_export_snippet()
     assert '"local-dir:exports/demo"' in code
     code = code.replace("exports/demo", str(export_dir))
-    p = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
 
@@ -179,15 +208,22 @@ def test_folder_export_loads_as_the_readme_says(zero0_run, tmp_path):
     started outside the repository; dissect-eval reads the folder too."""
     out = tmp_path / "exports" / "tiny"
     assert _export(zero0_run, out) == 0
-    assert {p.name for p in out.iterdir()} == {"open_clip_config.json", "open_clip_pytorch_model.bin"}
+    assert {p.name for p in out.iterdir()} == {
+        "open_clip_config.json",
+        "open_clip_pytorch_model.bin",
+    }
     assert "similarity" in _run_snippet(out, cwd=tmp_path)
     want = _features(zero0_run / "model.pt")
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     model.eval()
     imgs, _ = digits()
-    batch = torch.stack([preprocess(Image.fromarray((imgs[i] * 15).astype(np.uint8))) for i in range(8)])
+    batch = torch.stack(
+        [preprocess(Image.fromarray((imgs[i] * 15).astype(np.uint8))) for i in range(8)]
+    )
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(batch, normalize=True), want[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            model.encode_image(batch, normalize=True), want[0], atol=1e-6, rtol=1e-5
+        )
     assert _export(zero0_run, out) == 0  # a second export replaces the first
     blocker = tmp_path / "not-an-export"
     blocker.mkdir()

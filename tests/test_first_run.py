@@ -48,12 +48,25 @@ def test_stale_build_lock_is_cleared_and_training_starts(shards, tmp_path):
     shutil.copytree(built, ext / EXT_OP)
     lock = ext / EXT_OP / "lock"
     lock.write_text("")
-    env_cmd = ["env", f"TORCH_EXTENSIONS_DIR={ext}", sys.executable, "-m", "pipeline.train",
-               "--config", CONFIG, f"data.train={shards}", f"run.dir={tmp_path / 'run'}",
-               "optim.max_steps=2", "eval.at_end=false", "log.tensorboard=false",
-               # warm-up longer than the run: selection never starts, and the run says so
-               "selection.method=dissect", "selection.ratio=0.5", "data.batch_size=16",
-               "selection.warmup_steps=50"]
+    env_cmd = [
+        "env",
+        f"TORCH_EXTENSIONS_DIR={ext}",
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        "--config",
+        CONFIG,
+        f"data.train={shards}",
+        f"run.dir={tmp_path / 'run'}",
+        "optim.max_steps=2",
+        "eval.at_end=false",
+        "log.tensorboard=false",
+        # warm-up longer than the run: selection never starts, and the run says so
+        "selection.method=dissect",
+        "selection.ratio=0.5",
+        "data.batch_size=16",
+        "selection.warmup_steps=50",
+    ]
     p = run_cmd(env_cmd, timeout=60)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"stale torch extensions build lock {lock}" in p.stderr
@@ -113,8 +126,15 @@ def test_a_second_concurrent_build_waits_for_the_first(tmp_path):
     ext, log = tmp_path / "ext", tmp_path / "log"
     script = tmp_path / "builder.py"
     script.write_text(_BUILDER)
-    procs = [subprocess.Popen([sys.executable, str(script), str(ext), str(log)], cwd=ROOT,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(ext), str(log)],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     errs = [p.communicate(timeout=45)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
     events = [ln.split() for ln in log.read_text().splitlines()]
@@ -141,9 +161,21 @@ def _ranks_of(pid: int) -> list[psutil.Process]:
 @pytest.mark.timeout(180)
 def test_sigkill_of_torchrun_leaves_no_rank_alive(shards, tmp_path):
     run = tmp_path / "run"
-    p = start_cmd([*torchrun(2), "-m", "pipeline.train", "--config", CONFIG, f"data.train={shards}",
-                   f"run.dir={run}", "optim.epochs=1000", "eval.at_end=false",
-                   "log.tensorboard=false"], tmp_path / "log")
+    p = start_cmd(
+        [
+            *torchrun(2),
+            "-m",
+            "pipeline.train",
+            "--config",
+            CONFIG,
+            f"data.train={shards}",
+            f"run.dir={run}",
+            "optim.epochs=1000",
+            "eval.at_end=false",
+            "log.tensorboard=false",
+        ],
+        tmp_path / "log",
+    )
     ranks: list[psutil.Process] = []
     try:
         deadline = time.time() + 120
@@ -168,7 +200,9 @@ def test_sigkill_of_torchrun_leaves_no_rank_alive(shards, tmp_path):
 
 
 def _snapshot(d: Path) -> dict:
-    return {str(f.relative_to(d)): f.stat().st_mtime_ns for f in sorted(d.rglob("*")) if f.is_file()}
+    return {
+        str(f.relative_to(d)): f.stat().st_mtime_ns for f in sorted(d.rglob("*")) if f.is_file()
+    }
 
 
 @pytest.mark.slow
@@ -176,9 +210,19 @@ def _snapshot(d: Path) -> dict:
 @pytest.mark.timeout(300)
 def test_restarting_a_finished_run_exits_at_once_and_touches_nothing(shards, tmp_path):
     run = tmp_path / "run"
-    args = ["-m", "pipeline.train", "--config", CONFIG, f"data.train={shards}", f"run.dir={run}",
-            "optim.max_steps=6", "checkpoint.every_steps=3", "log.tensorboard=false",
-            "deepspeed.zero_stage=2", "checkpoint.resume=latest"]
+    args = [
+        "-m",
+        "pipeline.train",
+        "--config",
+        CONFIG,
+        f"data.train={shards}",
+        f"run.dir={run}",
+        "optim.max_steps=6",
+        "checkpoint.every_steps=3",
+        "log.tensorboard=false",
+        "deepspeed.zero_stage=2",
+        "checkpoint.resume=latest",
+    ]
     p = run_cmd([*torchrun(2), *args], timeout=200)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
@@ -191,10 +235,25 @@ def test_restarting_a_finished_run_exits_at_once_and_touches_nothing(shards, tmp
     procs = []
     try:
         for rank in (0, 1):
-            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
-            procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            env = {
+                **os.environ,
+                "RANK": str(rank),
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": str(rank),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "OMP_NUM_THREADS": "1",
+            }
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, *args],
+                    cwd=ROOT,
+                    env=env,
+                    text=True,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+            )
             time.sleep(3 if rank == 0 else 0)
         outs = [q.communicate(timeout=60) for q in procs]
     finally:
@@ -232,12 +291,27 @@ def test_sigkill_between_checkpoints_then_resume_is_exact(noisy, tmp_path, stage
     """The whole tree killed mid-epoch, between two periodic checkpoints: the resumed run
     reproduces the uninterrupted one (losses, lr, selected uids) from its checkpoint on.
     With loader workers, their augmentation seeds must not come from the training RNG."""
-    common = ["-m", "pipeline.train", "--config", CONFIG, f"data.train={noisy}", f"data.workers={workers}",
-              f"deepspeed.zero_stage={stage}", "selection.method=dissect",
-              f"selection.history={history}", "selection.ratio=0.5", "data.batch_size=16",
-              "selection.warmup_steps=4", "optim.epochs=3", "optim.warmup_steps=3",
-              "log.every_steps=1", "eval.at_end=false", "log.tensorboard=false",
-              "checkpoint.every_steps=10", "checkpoint.resume=latest"]
+    common = [
+        "-m",
+        "pipeline.train",
+        "--config",
+        CONFIG,
+        f"data.train={noisy}",
+        f"data.workers={workers}",
+        f"deepspeed.zero_stage={stage}",
+        "selection.method=dissect",
+        f"selection.history={history}",
+        "selection.ratio=0.5",
+        "data.batch_size=16",
+        "selection.warmup_steps=4",
+        "optim.epochs=3",
+        "optim.warmup_steps=3",
+        "log.every_steps=1",
+        "eval.at_end=false",
+        "log.tensorboard=false",
+        "checkpoint.every_steps=10",
+        "checkpoint.resume=latest",
+    ]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     p = run_cmd([*torchrun(2), *common, f"run.dir={straight}"], timeout=200)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -267,6 +341,10 @@ def test_sigkill_between_checkpoints_then_resume_is_exact(noisy, tmp_path, stage
     b = {r["step"]: r for r in train_rows(crashed)}
     assert sorted(b) == sorted(a) == list(range(1, 25))
     for step in range(resumed_at + 1, 25):
-        assert abs(a[step]["loss"] - b[step]["loss"]) < 1e-5, (step, a[step]["loss"], b[step]["loss"])
+        assert abs(a[step]["loss"] - b[step]["loss"]) < 1e-5, (
+            step,
+            a[step]["loss"],
+            b[step]["loss"],
+        )
         assert a[step]["lr"] == pytest.approx(b[step]["lr"], rel=1e-9)
     assert _kept(straight, resumed_at) == _kept(crashed, resumed_at)

@@ -17,9 +17,14 @@ def _rank_history(rank, world, stage, steps, momentum):
     from pipeline.model import build_model
     from pipeline.selection.history import WeightHistory
 
-    cfg = config_from_dict({"data": {"batch_size": 4}, "model": {"name": "tiny-vit"},
-                            "optim": {"lr": 1e-2, "warmup_steps": 0},
-                            "deepspeed": {"zero_stage": stage}})
+    cfg = config_from_dict(
+        {
+            "data": {"batch_size": 4},
+            "model": {"name": "tiny-vit"},
+            "optim": {"lr": 1e-2, "warmup_steps": 0},
+            "deepspeed": {"zero_stage": stage},
+        }
+    )
     bundle = build_model("tiny-vit", seed=0)
     names = _param_names(bundle.model)
     engine = Engine(cfg, bundle.model, total_steps=steps)
@@ -35,7 +40,11 @@ def _rank_history(rank, world, stage, steps, momentum):
         engine.backward_step(loss)
         ema.ema_update()
         full = {k: v for k, v in engine.full_state_dict().items() if k in names}
-        ref = full if ref is None else {k: momentum * ref[k] + (1 - momentum) * full[k] for k in names}
+        ref = (
+            full
+            if ref is None
+            else {k: momentum * ref[k] + (1 - momentum) * full[k] for k in names}
+        )
         if step == 1:
             snap.snapshot()
             snap_ref = full

@@ -57,15 +57,38 @@ def recorder(tmp_path):
 def test_two_nodes_torchrun_static_rendezvous(shards, tmp_path):
     run_dir = tmp_path / "run"
     port = free_port()
-    args = [*dissect_overrides(shards, run_dir), f"data.val={shards / 'val'}", "optim.max_steps=6",
-            "checkpoint.every_steps=3", "run.name=two nodes"]
+    args = [
+        *dissect_overrides(shards, run_dir),
+        f"data.val={shards / 'val'}",
+        "optim.max_steps=6",
+        "checkpoint.every_steps=3",
+        "run.name=two nodes",
+    ]
     procs, logs = [], []
     try:
         for node in (0, 1):
             logs.append(tmp_path / f"node{node}.log")
-            procs.append(start([LAUNCH / "multi_node.sh", "torchrun", "--nnodes", "2", "--nproc-per-node", "1",
-                                "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
-                                CONFIG, *args], logs[-1]))
+            procs.append(
+                start(
+                    [
+                        LAUNCH / "multi_node.sh",
+                        "torchrun",
+                        "--nnodes",
+                        "2",
+                        "--nproc-per-node",
+                        "1",
+                        "--node-rank",
+                        str(node),
+                        "--master-addr",
+                        "127.0.0.1",
+                        "--master-port",
+                        str(port),
+                        CONFIG,
+                        *args,
+                    ],
+                    logs[-1],
+                )
+            )
         rcs = wait_all(procs, 150, logs)
     finally:
         kill_all(procs)
@@ -74,7 +97,7 @@ def test_two_nodes_torchrun_static_rendezvous(shards, tmp_path):
     for node, log in enumerate(logs):
         cmd = printed_cmd(log.read_text())
         assert cmd[cmd.index("--node-rank") + 1] == str(node)
-        assert cmd[cmd.index("--config") + 1:] == [CONFIG, *args]  # overrides untouched
+        assert cmd[cmd.index("--config") + 1 :] == [CONFIG, *args]  # overrides untouched
     # one run directory, written once by rank 0, with both ranks' parts in each checkpoint
     rows = [r for r in metrics_rows(run_dir) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 5, 6]  # log.every_steps=5, plus first and last
@@ -86,7 +109,9 @@ def test_two_nodes_torchrun_static_rendezvous(shards, tmp_path):
         assert (ck / "state_rank0.pt").is_file() and (ck / "state_rank1.pt").is_file()
     for name in ("config.yaml", "ds_config.json", "model.pt", "eval.json"):
         assert (run_dir / name).is_file(), name
-    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1  # TensorBoard: rank 0 only
+    assert (
+        len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1
+    )  # TensorBoard: rank 0 only
     assert "eval/zeroshot_top1" in json.loads((run_dir / "eval.json").read_text())
 
 
@@ -97,13 +122,27 @@ def test_deepspeed_launcher_with_localhost_hostfile(shards, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# this machine only: the launcher runs here, no ssh\nlocalhost slots=2\n")
     args = [*dissect_overrides(shards, run_dir), "optim.max_steps=4", "eval.at_end=false"]
-    p = run([LAUNCH / "multi_node.sh", "deepspeed", "--hostfile", hostfile, "--master-addr", "127.0.0.1",
-             "--master-port", free_port(), CONFIG, *args], timeout=130, env=launch_env(DISSECT_CHECK="0"))
+    p = run(
+        [
+            LAUNCH / "multi_node.sh",
+            "deepspeed",
+            "--hostfile",
+            hostfile,
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            free_port(),
+            CONFIG,
+            *args,
+        ],
+        timeout=130,
+        env=launch_env(DISSECT_CHECK="0"),
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     cmd = printed_cmd(p.stdout)
     assert cmd[0].endswith("deepspeed") and "--no_ssh_check" in cmd
     assert cmd[cmd.index("--hostfile") + 1] == str(hostfile)
-    assert cmd[cmd.index("--module"):] == ["--module", "pipeline.train", "--config", CONFIG, *args]
+    assert cmd[cmd.index("--module") :] == ["--module", "pipeline.train", "--config", CONFIG, *args]
     rows = [r for r in metrics_rows(run_dir) if "loss" in r]
     assert rows[-1]["step"] == 4 and rows[-1]["samples_seen"] == 4 * 2 * 32
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
@@ -121,17 +160,47 @@ def test_killed_rank_ends_both_nodes_within_timeout(shards, tmp_path):
     timeout_s = 30
     run_dir = tmp_path / "run"
     port = free_port()
-    args = [*dissect_overrides(shards, run_dir), "optim.epochs=1000", "log.every_steps=1",
-            f"deepspeed.timeout_s={timeout_s}", "eval.at_end=false"]
+    args = [
+        *dissect_overrides(shards, run_dir),
+        "optim.epochs=1000",
+        "log.every_steps=1",
+        f"deepspeed.timeout_s={timeout_s}",
+        "eval.at_end=false",
+    ]
     procs, logs = [], []
     try:
         for node in (0, 1):
             logs.append(tmp_path / f"node{node}.log")
-            procs.append(start([LAUNCH / "multi_node.sh", "torchrun", "--nnodes", "2", "--nproc-per-node", "1",
-                                "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
-                                CONFIG, *args], logs[-1], env=launch_env(DISSECT_CHECK="0")))
+            procs.append(
+                start(
+                    [
+                        LAUNCH / "multi_node.sh",
+                        "torchrun",
+                        "--nnodes",
+                        "2",
+                        "--nproc-per-node",
+                        "1",
+                        "--node-rank",
+                        str(node),
+                        "--master-addr",
+                        "127.0.0.1",
+                        "--master-port",
+                        str(port),
+                        CONFIG,
+                        *args,
+                    ],
+                    logs[-1],
+                    env=launch_env(DISSECT_CHECK="0"),
+                )
+            )
         metrics = run_dir / "metrics.jsonl"
-        wait_for(lambda: metrics.is_file() and metrics.stat().st_size > 0, 90, "training to start", procs, logs)
+        wait_for(
+            lambda: metrics.is_file() and metrics.stat().st_size > 0,
+            90,
+            "training to start",
+            procs,
+            logs,
+        )
         victims = train_workers(procs[1].pid)
         assert len(victims) == 1, victims
         t0 = time.monotonic()
@@ -150,21 +219,37 @@ def test_multi_node_sigterm_stops_every_local_process(mode, tmp_path):
     """SIGTERM to multi_node.sh: the launcher's "ranks", each in a session of its own (one of
     them ignoring SIGTERM), are gone; the script exits 143. Fake launcher, no training."""
     pids = tmp_path / "ranks.pids"
-    fake = write_fake(tmp_path / "fake-launcher", f'''
+    fake = write_fake(
+        tmp_path / "fake-launcher",
+        f"""
 setsid sleep 300 & echo $! >> {pids}
 setsid bash -c 'trap "" TERM; exec sleep 301' & echo $! >> {pids}
 wait
-''')
+""",
+    )
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
-    opts = {"torchrun": ["--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.1"],
-            "deepspeed": ["--hostfile", hostfile]}[mode]
+    opts = {
+        "torchrun": ["--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.1"],
+        "deepspeed": ["--hostfile", hostfile],
+    }[mode]
     log = tmp_path / "job.log"
-    job = start([LAUNCH / "multi_node.sh", mode, *opts, CONFIG], log,
-                env=launch_env(TORCHRUN=str(fake), DEEPSPEED=str(fake), DISSECT_CHECK="0", DISSECT_KILL_GRACE_S="2"))
+    job = start(
+        [LAUNCH / "multi_node.sh", mode, *opts, CONFIG],
+        log,
+        env=launch_env(
+            TORCHRUN=str(fake), DEEPSPEED=str(fake), DISSECT_CHECK="0", DISSECT_KILL_GRACE_S="2"
+        ),
+    )
     ranks = []
     try:
-        wait_for(lambda: pids.is_file() and len(pids.read_text().split()) == 2, 20, "fake ranks", [job], [log])
+        wait_for(
+            lambda: pids.is_file() and len(pids.read_text().split()) == 2,
+            20,
+            "fake ranks",
+            [job],
+            [log],
+        )
         ranks = [psutil.Process(int(pid)) for pid in pids.read_text().split()]
         time.sleep(1.5)  # the script has looked at its tree at least once
         job.send_signal(signal.SIGTERM)
@@ -186,27 +271,97 @@ wait
 @pytest.mark.timeout(30)
 def test_multi_node_dry_runs(tmp_path, recorder):
     fake, rec = recorder
-    env = launch_env(DISSECT_CHECK="0", DISSECT_RDZV_TIMEOUT_S="120", TORCHRUN=str(fake), DEEPSPEED=str(fake),
-                     IFNAME="eth7")
+    env = launch_env(
+        DISSECT_CHECK="0",
+        DISSECT_RDZV_TIMEOUT_S="120",
+        TORCHRUN=str(fake),
+        DEEPSPEED=str(fake),
+        IFNAME="eth7",
+    )
     mn = LAUNCH / "multi_node.sh"
     tail = ["-m", "pipeline.train", "--config", CONFIG, *TRICKY]
 
     # torchrun, static: node rank + master address
-    p = run([mn, "--dry-run", "torchrun", "--nnodes", "4", "--nproc_per_node=8", "--node-rank", "3",
-             "--master-addr", "10.1.2.3", "--master-port", "29999", CONFIG, *TRICKY], 20, env)
+    p = run(
+        [
+            mn,
+            "--dry-run",
+            "torchrun",
+            "--nnodes",
+            "4",
+            "--nproc_per_node=8",
+            "--node-rank",
+            "3",
+            "--master-addr",
+            "10.1.2.3",
+            "--master-port",
+            "29999",
+            CONFIG,
+            *TRICKY,
+        ],
+        20,
+        env,
+    )
     assert p.returncode == 0, p.stderr
-    assert printed_cmd(p.stdout) == [str(fake), "--nnodes", "4", "--nproc-per-node", "8", "--max-restarts", "0",
-                                     "--node-rank", "3", "--master-addr", "10.1.2.3", "--master-port", "29999",
-                                     "--rdzv-conf", "timeout=120", *tail]
+    assert printed_cmd(p.stdout) == [
+        str(fake),
+        "--nnodes",
+        "4",
+        "--nproc-per-node",
+        "8",
+        "--max-restarts",
+        "0",
+        "--node-rank",
+        "3",
+        "--master-addr",
+        "10.1.2.3",
+        "--master-port",
+        "29999",
+        "--rdzv-conf",
+        "timeout=120",
+        *tail,
+    ]
     assert "NCCL_SOCKET_IFNAME=eth7" in p.stdout and "GLOO_SOCKET_IFNAME=eth7" in p.stdout
 
     # torchrun, c10d rendezvous
-    p = run([mn, "--dry-run", "torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--rdzv-endpoint",
-             "head:29400", "--rdzv-id", "exp1", CONFIG, *TRICKY], 20, env)
+    p = run(
+        [
+            mn,
+            "--dry-run",
+            "torchrun",
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "8",
+            "--rdzv-endpoint",
+            "head:29400",
+            "--rdzv-id",
+            "exp1",
+            CONFIG,
+            *TRICKY,
+        ],
+        20,
+        env,
+    )
     assert p.returncode == 0, p.stderr
-    assert printed_cmd(p.stdout) == [str(fake), "--nnodes", "2", "--nproc-per-node", "8", "--max-restarts", "0",
-                                     "--rdzv-backend", "c10d", "--rdzv-endpoint", "head:29400", "--rdzv-id", "exp1",
-                                     "--rdzv-conf", "join_timeout=120", *tail]
+    assert printed_cmd(p.stdout) == [
+        str(fake),
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "8",
+        "--max-restarts",
+        "0",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "head:29400",
+        "--rdzv-id",
+        "exp1",
+        "--rdzv-conf",
+        "join_timeout=120",
+        *tail,
+    ]
 
     # deepspeed over ssh: master = first host; the environment travels in a DS_ENV_FILE
     hostfile = tmp_path / "hostfile"
@@ -215,8 +370,20 @@ def test_multi_node_dry_runs(tmp_path, recorder):
     assert p.returncode == 0, p.stderr
     cmd = printed_cmd(p.stdout)
     assert cmd[0] == "env" and cmd[1].startswith("DS_ENV_FILE=")
-    assert cmd[2:] == [str(fake), "--hostfile", str(hostfile), "--master_addr", "node-a", "--master_port", "29500",
-                       "--module", "pipeline.train", "--config", CONFIG, *TRICKY]
+    assert cmd[2:] == [
+        str(fake),
+        "--hostfile",
+        str(hostfile),
+        "--master_addr",
+        "node-a",
+        "--master_port",
+        "29500",
+        "--module",
+        "pipeline.train",
+        "--config",
+        CONFIG,
+        *TRICKY,
+    ]
     env_file = Path(cmd[1].split("=", 1)[1])
     exported = dict(ln.split("=", 1) for ln in env_file.read_text().splitlines())
     env_file.unlink()
@@ -233,28 +400,70 @@ def test_multi_node_dry_runs(tmp_path, recorder):
     Path(cmd[1].split("=", 1)[1]).unlink()
 
     # deepspeed without ssh: the same command on each host with its --node-rank
-    p = run([mn, "--dry-run", "deepspeed", "--hostfile", hostfile, "--no-ssh", "--node-rank", "1",
-             "--master_addr=10.0.0.1", CONFIG, *TRICKY], 20, env)
+    p = run(
+        [
+            mn,
+            "--dry-run",
+            "deepspeed",
+            "--hostfile",
+            hostfile,
+            "--no-ssh",
+            "--node-rank",
+            "1",
+            "--master_addr=10.0.0.1",
+            CONFIG,
+            *TRICKY,
+        ],
+        20,
+        env,
+    )
     assert p.returncode == 0, p.stderr
-    assert printed_cmd(p.stdout)[:10] == [str(fake), "--hostfile", str(hostfile), "--master_addr", "10.0.0.1",
-                                          "--master_port", "29500", "--no_ssh", "--node_rank", "1"]
+    assert printed_cmd(p.stdout)[:10] == [
+        str(fake),
+        "--hostfile",
+        str(hostfile),
+        "--master_addr",
+        "10.0.0.1",
+        "--master_port",
+        "29500",
+        "--no_ssh",
+        "--node_rank",
+        "1",
+    ]
     assert not rec.exists()
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("args, expected", [
-    (["torchrun", "--nnodes", "2", CONFIG], "torchrun needs --node-rank R"),
-    (["torchrun", "--nnodes", "2", "--node-rank", "2", "--master-addr", "a", CONFIG], "must be below --nnodes 2"),
-    (["torchrun", "--nnodes", "2", "--rdzv-endpoint", "head", CONFIG], "--rdzv-endpoint must be HOST:PORT"),
-    (["torchrun", "--nnodes", "2", "--rdzv-endpoint", "h:1", "--node-rank", "0", CONFIG], "not both"),
-    (["deepspeed", CONFIG], "deepspeed needs --hostfile"),
-    (["deepspeed", "--hostfile", "/nonexistent/hostfile", CONFIG], "does not exist"),
-    (["mpirun", CONFIG], "must be deepspeed or torchrun"),
-    (["torchrun", "--nnodes", "2", "--node-rank", "0", "--master-addr", "a"], "no config given"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["torchrun", "--nnodes", "2", CONFIG], "torchrun needs --node-rank R"),
+        (
+            ["torchrun", "--nnodes", "2", "--node-rank", "2", "--master-addr", "a", CONFIG],
+            "must be below --nnodes 2",
+        ),
+        (
+            ["torchrun", "--nnodes", "2", "--rdzv-endpoint", "head", CONFIG],
+            "--rdzv-endpoint must be HOST:PORT",
+        ),
+        (
+            ["torchrun", "--nnodes", "2", "--rdzv-endpoint", "h:1", "--node-rank", "0", CONFIG],
+            "not both",
+        ),
+        (["deepspeed", CONFIG], "deepspeed needs --hostfile"),
+        (["deepspeed", "--hostfile", "/nonexistent/hostfile", CONFIG], "does not exist"),
+        (["mpirun", CONFIG], "must be deepspeed or torchrun"),
+        (
+            ["torchrun", "--nnodes", "2", "--node-rank", "0", "--master-addr", "a"],
+            "no config given",
+        ),
+    ],
+)
 def test_multi_node_usage_errors(args, expected, recorder):
     fake, rec = recorder
-    p = run([LAUNCH / "multi_node.sh", *args], 20, launch_env(TORCHRUN=str(fake), DEEPSPEED=str(fake)))
+    p = run(
+        [LAUNCH / "multi_node.sh", *args], 20, launch_env(TORCHRUN=str(fake), DEEPSPEED=str(fake))
+    )
     assert p.returncode == 2 and expected in p.stderr and p.stderr.count("\n") == 1, p.stderr
     assert not rec.exists()
 
@@ -267,8 +476,20 @@ def test_localhost_first_of_several_hosts_needs_master_addr(tmp_path, recorder):
     env = launch_env(DEEPSPEED=str(fake), DISSECT_CHECK="0")
     p = run([LAUNCH / "multi_node.sh", "deepspeed", "--hostfile", hostfile, CONFIG], 20, env)
     assert p.returncode == 2 and "give --master-addr" in p.stderr, p.stderr
-    p = run([LAUNCH / "multi_node.sh", "--dry-run", "deepspeed", "--hostfile", hostfile, "--master-addr", "10.0.0.1",
-             CONFIG], 20, env)
+    p = run(
+        [
+            LAUNCH / "multi_node.sh",
+            "--dry-run",
+            "deepspeed",
+            "--hostfile",
+            hostfile,
+            "--master-addr",
+            "10.0.0.1",
+            CONFIG,
+        ],
+        20,
+        env,
+    )
     assert p.returncode == 0, p.stderr
     Path(printed_cmd(p.stdout)[1].split("=", 1)[1]).unlink()
     assert not rec.exists()

@@ -51,12 +51,14 @@ def recorder(tmp_path):
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_single_node_runs_exactly_the_printed_command(launcher, tmp_path, recorder):
     fake, rec = recorder
-    env = launch_env(TORCHRUN=str(fake), DEEPSPEED=str(fake), DISSECT_CHECK="0", NPROC="3", LAUNCHER=launcher)
+    env = launch_env(
+        TORCHRUN=str(fake), DEEPSPEED=str(fake), DISSECT_CHECK="0", NPROC="3", LAUNCHER=launcher
+    )
     p = run([LAUNCH / "single_node.sh", CONFIG, *TRICKY], 20, env)
     assert p.returncode == 0, p.stderr
     cmd = printed_cmd(p.stdout)
     assert cmd == [str(fake), *rec.read_text().splitlines()]  # what ran is what was printed
-    assert cmd[-len(TRICKY) - 3:] == ["pipeline.train", "--config", CONFIG, *TRICKY]
+    assert cmd[-len(TRICKY) - 3 :] == ["pipeline.train", "--config", CONFIG, *TRICKY]
     if launcher == "torchrun":
         assert cmd[1:6] == ["--standalone", "--nnodes", "1", "--nproc-per-node", "3"]
     else:
@@ -68,14 +70,22 @@ def test_single_node_counts_visible_gpus(recorder):
     """CUDA_VISIBLE_DEVICES decides the rank count, and the deepspeed launcher gets those GPUs
     (with --num_gpus it would drop the variable and take GPUs 0..N-1)."""
     fake, rec = recorder
-    for launcher, expected in (("torchrun", ["--nproc-per-node", "3"]), ("deepspeed", ["--include", "localhost:1,4,6"])):
-        env = launch_env(TORCHRUN=str(fake), DEEPSPEED=str(fake), DISSECT_CHECK="0", LAUNCHER=launcher,
-                         CUDA_VISIBLE_DEVICES="1,4,6")
+    for launcher, expected in (
+        ("torchrun", ["--nproc-per-node", "3"]),
+        ("deepspeed", ["--include", "localhost:1,4,6"]),
+    ):
+        env = launch_env(
+            TORCHRUN=str(fake),
+            DEEPSPEED=str(fake),
+            DISSECT_CHECK="0",
+            LAUNCHER=launcher,
+            CUDA_VISIBLE_DEVICES="1,4,6",
+        )
         p = run([LAUNCH / "single_node.sh", "--dry-run", CONFIG], 20, env)
         assert p.returncode == 0, p.stderr
         cmd = printed_cmd(p.stdout)
         i = cmd.index(expected[0])
-        assert cmd[i:i + 2] == expected
+        assert cmd[i : i + 2] == expected
     assert not rec.exists()
 
 
@@ -90,8 +100,11 @@ def test_missing_config_file_is_refused(tmp_path, recorder):
 @pytest.mark.timeout(30)
 def test_bad_kill_grace_is_refused(recorder):
     fake, rec = recorder
-    p = run([LAUNCH / "single_node.sh", CONFIG], 20,
-            launch_env(TORCHRUN=str(fake), DISSECT_CHECK="0", DISSECT_KILL_GRACE_S="ten"))
+    p = run(
+        [LAUNCH / "single_node.sh", CONFIG],
+        20,
+        launch_env(TORCHRUN=str(fake), DISSECT_CHECK="0", DISSECT_KILL_GRACE_S="ten"),
+    )
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
     assert "DISSECT_KILL_GRACE_S must be a whole number of seconds, got 'ten'" in p.stderr
     assert "+ " not in p.stdout and not rec.exists()
@@ -105,11 +118,14 @@ def _fake_torchrun(tmp_path, body: str):
     """A fake torchrun that starts two "ranks" (sleeps) each in a session of its own, as
     torchrun does, writes their PIDs to a file, then runs ``body``."""
     pids = tmp_path / "ranks.pids"
-    fake = write_fake(tmp_path / "fake-torchrun", f'''
+    fake = write_fake(
+        tmp_path / "fake-torchrun",
+        f"""
 setsid sleep 300 & echo $! >> {pids}
 setsid bash -c 'trap "" TERM; exec sleep 301' & echo $! >> {pids}   # a rank that ignores SIGTERM
 {body}
-''')
+""",
+    )
     return fake, pids
 
 
@@ -133,7 +149,13 @@ def test_single_node_exit_status_is_the_launchers_and_leftovers_are_stopped(tmp_
     job = start([LAUNCH / "single_node.sh", CONFIG], log, env=env)
     ranks = []
     try:
-        wait_for(lambda: pids.is_file() and len(pids.read_text().split()) == 2, 20, "fake ranks", [job], [log])
+        wait_for(
+            lambda: pids.is_file() and len(pids.read_text().split()) == 2,
+            20,
+            "fake ranks",
+            [job],
+            [log],
+        )
         ranks = _ranks(pids)
         rc = job.wait(timeout=30)
         time.sleep(0.5)
@@ -156,7 +178,13 @@ def test_single_node_signal_stops_fake_ranks(sig, tmp_path):
     job = start([LAUNCH / "single_node.sh", CONFIG], log, env=env)
     ranks = []
     try:
-        wait_for(lambda: pids.is_file() and len(pids.read_text().split()) == 2, 20, "fake ranks", [job], [log])
+        wait_for(
+            lambda: pids.is_file() and len(pids.read_text().split()) == 2,
+            20,
+            "fake ranks",
+            [job],
+            [log],
+        )
         ranks = _ranks(pids)
         time.sleep(1.5)  # the script has looked at its tree at least once
         job.send_signal(sig)
@@ -203,13 +231,28 @@ def test_hung_rank_ends_job_within_collective_timeout(shards, tmp_path):
     assert _pipeline_bounds_every_group()
     timeout_s = 10
     run_dir = tmp_path / "run"
-    args = [*dissect_overrides(shards, run_dir), "optim.epochs=1000", "log.every_steps=1",
-            f"deepspeed.timeout_s={timeout_s}", "eval.at_end=false"]
+    args = [
+        *dissect_overrides(shards, run_dir),
+        "optim.epochs=1000",
+        "log.every_steps=1",
+        f"deepspeed.timeout_s={timeout_s}",
+        "eval.at_end=false",
+    ]
     log = tmp_path / "job.log"
-    job = start([LAUNCH / "single_node.sh", CONFIG, *args], log, env=launch_env(NPROC="2", DISSECT_CHECK="0"))
+    job = start(
+        [LAUNCH / "single_node.sh", CONFIG, *args],
+        log,
+        env=launch_env(NPROC="2", DISSECT_CHECK="0"),
+    )
     try:
         metrics = run_dir / "metrics.jsonl"
-        wait_for(lambda: metrics.is_file() and metrics.stat().st_size > 0, 90, "training to start", [job], [log])
+        wait_for(
+            lambda: metrics.is_file() and metrics.stat().st_size > 0,
+            90,
+            "training to start",
+            [job],
+            [log],
+        )
         ranks = sorted(train_workers(job.pid), key=lambda w: int(w.environ().get("RANK", "-1")))
         assert len(ranks) == 2, ranks
         t0 = time.monotonic()
@@ -217,9 +260,13 @@ def test_hung_rank_ends_job_within_collective_timeout(shards, tmp_path):
         try:
             ranks[0].wait(timeout=timeout_s + 20)  # the bound: timeout_s, plus a step in flight
         except psutil.TimeoutExpired:
-            pytest.fail(f"rank 0 still running {timeout_s + 20}s after rank 1 hung\n{log.read_text()[-3000:]}")
+            pytest.fail(
+                f"rank 0 still running {timeout_s + 20}s after rank 1 hung\n{log.read_text()[-3000:]}"
+            )
         elapsed = time.monotonic() - t0
-        ranks[1].send_signal(signal.SIGCONT)  # lets torchrun's SIGTERM in now, not after its 30 s grace
+        ranks[1].send_signal(
+            signal.SIGCONT
+        )  # lets torchrun's SIGTERM in now, not after its 30 s grace
         rc = job.wait(timeout=60)
     finally:
         kill_all([job])
@@ -235,7 +282,11 @@ def test_sigterm_to_single_node_stops_every_rank(shards, tmp_path):
     run_dir = tmp_path / "run"
     args = [*dissect_overrides(shards, run_dir), "optim.epochs=100", "eval.at_end=false"]
     log = tmp_path / "job.log"
-    job = start([LAUNCH / "single_node.sh", CONFIG, *args], log, env=launch_env(NPROC="2", DISSECT_CHECK="0"))
+    job = start(
+        [LAUNCH / "single_node.sh", CONFIG, *args],
+        log,
+        env=launch_env(NPROC="2", DISSECT_CHECK="0"),
+    )
     ranks = []
     try:
         wait_for(lambda: len(train_workers(job.pid)) == 2, 90, "both ranks to start", [job], [log])
@@ -263,7 +314,11 @@ def test_killed_torchrun_takes_its_ranks_along(shards, tmp_path):
     run_dir = tmp_path / "run"
     args = [*dissect_overrides(shards, run_dir), "optim.epochs=100", "eval.at_end=false"]
     log = tmp_path / "job.log"
-    job = start([LAUNCH / "single_node.sh", CONFIG, *args], log, env=launch_env(NPROC="2", DISSECT_CHECK="0"))
+    job = start(
+        [LAUNCH / "single_node.sh", CONFIG, *args],
+        log,
+        env=launch_env(NPROC="2", DISSECT_CHECK="0"),
+    )
     ranks = []
     try:
         wait_for(lambda: len(train_workers(job.pid)) == 2, 90, "both ranks to start", [job], [log])

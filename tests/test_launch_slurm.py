@@ -38,7 +38,7 @@ def shards(tmp_path_factory):
 
 
 # srun --nodes N ... --output PATTERN CMD: CMD once per node (SLURM_NODEID), output per node
-FAKE_SRUN = r'''
+FAKE_SRUN = r"""
 nodes=1 out=/dev/stdout
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -59,18 +59,21 @@ done
 rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=$?; done
 exit $rc
-'''
+"""
 
 
 def _fake_ranks_launcher(tmp_path):
     """A fake torchrun: two "ranks" (sleeps) each in a session of its own, one ignoring
     SIGTERM, their PIDs appended to a file."""
     pids = tmp_path / "ranks.pids"
-    fake = write_fake(tmp_path / "fake-torchrun", f'''
+    fake = write_fake(
+        tmp_path / "fake-torchrun",
+        f"""
 setsid sleep 300 & echo $! >> {pids}
 setsid bash -c 'trap "" TERM; exec sleep 301' & echo $! >> {pids}
 wait
-''')
+""",
+    )
     return fake, pids
 
 
@@ -94,30 +97,57 @@ def test_slurm_sbatch_two_nodes_and_requeued_resume(shards, tmp_path):
     """
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    write_fake(bin_dir / "scontrol", 'case "$1 $2" in "show hostnames") echo localhost ;; *) exit 1 ;; esac\n')
+    write_fake(
+        bin_dir / "scontrol",
+        'case "$1 $2" in "show hostnames") echo localhost ;; *) exit 1 ;; esac\n',
+    )
     write_fake(bin_dir / "srun", FAKE_SRUN)
     run_dir = tmp_path / "run"
     args = dissect_overrides(shards, run_dir) + ["checkpoint.every_steps=2", "eval.at_end=false"]
-    env = launch_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2",
-                     SLURM_JOB_NODELIST="node[0-1]", SLURM_SUBMIT_DIR=str(tmp_path), NPROC_PER_NODE="1",
-                     MASTER_PORT=str(free_port()))
+    env = launch_env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_JOB_NODELIST="node[0-1]",
+        SLURM_SUBMIT_DIR=str(tmp_path),
+        NPROC_PER_NODE="1",
+        MASTER_PORT=str(free_port()),
+    )
 
-    first = run(["bash", LAUNCH / "slurm.sbatch", CONFIG, *args, "optim.max_steps=4"], 110, env, cwd=tmp_path)
+    first = run(
+        ["bash", LAUNCH / "slurm.sbatch", CONFIG, *args, "optim.max_steps=4"],
+        110,
+        env,
+        cwd=tmp_path,
+    )
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     cmd = printed_cmd(first.stdout)
     assert cmd[0] == "srun" and "--kill-on-bad-exit=1" in cmd
     assert cmd[cmd.index("--rdzv-backend") + 1] == "c10d"
     assert cmd[cmd.index("--rdzv-id") + 1] == "4242"
-    assert cmd[cmd.index("--config"):] == ["--config", CONFIG, "checkpoint.resume=latest", *args, "optim.max_steps=4"]
+    assert cmd[cmd.index("--config") :] == [
+        "--config",
+        CONFIG,
+        "checkpoint.resume=latest",
+        *args,
+        "optim.max_steps=4",
+    ]
     logs = sorted((run_dir / "logs").glob("4242.r0-node*.log"))
     assert [p.name for p in logs] == ["4242.r0-node0-node0.log", "4242.r0-node1-node1.log"]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
 
     # the restart skips the config check (the batch host may not see the data): logs go to LOG_DIR
     env.update(SLURM_RESTART_COUNT="1", DISSECT_CHECK="0", LOG_DIR=str(run_dir / "logs"))
-    second = run(["bash", LAUNCH / "slurm.sbatch", CONFIG, *args, "optim.max_steps=6"], 110, env, cwd=tmp_path)
+    second = run(
+        ["bash", LAUNCH / "slurm.sbatch", CONFIG, *args, "optim.max_steps=6"],
+        110,
+        env,
+        cwd=tmp_path,
+    )
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
-    assert printed_cmd(second.stdout)[-1] == "checkpoint.resume=latest"  # after the user's overrides
+    assert (
+        printed_cmd(second.stdout)[-1] == "checkpoint.resume=latest"
+    )  # after the user's overrides
     node_logs = "".join(p.read_text() for p in (run_dir / "logs").glob("4242.r1-node*.log"))
     assert "resumed from" in node_logs and "at step 4" in node_logs
     rows = [r for r in metrics_rows(run_dir) if "loss" in r]
@@ -132,17 +162,28 @@ def test_slurm_requeues_on_usr1(tmp_path):
     bin_dir.mkdir()
     calls = tmp_path / "scontrol.calls"
     pidfile = tmp_path / "srun.pid"
-    write_fake(bin_dir / "srun", f'echo $$ > {pidfile}\nexec sleep 60\n')
+    write_fake(bin_dir / "srun", f"echo $$ > {pidfile}\nexec sleep 60\n")
     # requeue stops the job's steps, as SLURM does
-    write_fake(bin_dir / "scontrol", f'''case "$1 $2" in
+    write_fake(
+        bin_dir / "scontrol",
+        f"""case "$1 $2" in
     "show hostnames") echo node-a ;;
     *) echo "$*" >> {calls}; kill "$(cat {pidfile})" ;;
 esac
-''')
-    env = launch_env(PATH=f"{bin_dir}:{os.environ['PATH']}", DISSECT_CHECK="0", SLURM_JOB_ID="4242",
-                     SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=str(tmp_path), NPROC_PER_NODE="8")
+""",
+    )
+    env = launch_env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        DISSECT_CHECK="0",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_SUBMIT_DIR=str(tmp_path),
+        NPROC_PER_NODE="8",
+    )
     log = tmp_path / "batch.log"
-    job = start(["bash", LAUNCH / "slurm.sbatch", CONFIG, "data.train=x"], log, env=env, cwd=tmp_path)
+    job = start(
+        ["bash", LAUNCH / "slurm.sbatch", CONFIG, "data.train=x"], log, env=env, cwd=tmp_path
+    )
     try:
         wait_for(pidfile.exists, 15, "srun to start", [job], [log])
         job.send_signal(signal.SIGUSR1)  # the batch shell is the session leader: job.pid
@@ -166,15 +207,21 @@ def test_slurm_runs_torchrun_under_supervise(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     write_fake(bin_dir / "scontrol", "echo node-a\n")
-    env = launch_env(PATH=f"{bin_dir}:{os.environ['PATH']}", DISSECT_CHECK="0", SLURM_JOB_ID="5",
-                     SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=str(tmp_path), NPROC_PER_NODE="8",
-                     TORCHRUN="/opt/torchrun")
+    env = launch_env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        DISSECT_CHECK="0",
+        SLURM_JOB_ID="5",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_SUBMIT_DIR=str(tmp_path),
+        NPROC_PER_NODE="8",
+        TORCHRUN="/opt/torchrun",
+    )
     p = run(["bash", LAUNCH / "slurm.sbatch", "--dry-run", CONFIG], 20, env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     cmd = printed_cmd(p.stdout)
     i = cmd.index("/opt/torchrun")
-    assert cmd[i - 2:i] == ["bash", str(LAUNCH / "supervise.sh")]
-    assert cmd[:i - 2].count("srun") == 1 and cmd[0] == "srun"
+    assert cmd[i - 2 : i] == ["bash", str(LAUNCH / "supervise.sh")]
+    assert cmd[: i - 2].count("srun") == 1 and cmd[0] == "srun"
 
 
 @pytest.mark.timeout(30)
@@ -195,7 +242,13 @@ def test_supervise_sigterm_stops_the_tree(tmp_path):
     job = start([LAUNCH / "supervise.sh", fake], log, env=launch_env(DISSECT_KILL_GRACE_S="2"))
     ranks = []
     try:
-        wait_for(lambda: pids.is_file() and len(pids.read_text().split()) == 2, 20, "fake ranks", [job], [log])
+        wait_for(
+            lambda: pids.is_file() and len(pids.read_text().split()) == 2,
+            20,
+            "fake ranks",
+            [job],
+            [log],
+        )
         ranks = _procs(pids)
         time.sleep(1.5)  # supervise.sh has looked at its tree at least once
         job.send_signal(signal.SIGTERM)
@@ -219,14 +272,28 @@ def test_slurm_batch_sigterm_stops_every_node(tmp_path):
     write_fake(bin_dir / "scontrol", "echo localhost\n")
     write_fake(bin_dir / "srun", FAKE_SRUN)
     fake, pids = _fake_ranks_launcher(tmp_path)
-    env = launch_env(PATH=f"{bin_dir}:{os.environ['PATH']}", DISSECT_CHECK="0", SLURM_JOB_ID="77",
-                     SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=str(tmp_path), NPROC_PER_NODE="1",
-                     TORCHRUN=str(fake), DISSECT_KILL_GRACE_S="2", LOG_DIR=str(tmp_path / "logs"))
+    env = launch_env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        DISSECT_CHECK="0",
+        SLURM_JOB_ID="77",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_SUBMIT_DIR=str(tmp_path),
+        NPROC_PER_NODE="1",
+        TORCHRUN=str(fake),
+        DISSECT_KILL_GRACE_S="2",
+        LOG_DIR=str(tmp_path / "logs"),
+    )
     log = tmp_path / "batch.log"
     job = start(["bash", LAUNCH / "slurm.sbatch", CONFIG], log, env=env, cwd=tmp_path)
     ranks, tree = [], []
     try:
-        wait_for(lambda: pids.is_file() and len(pids.read_text().split()) == 4, 20, "fake ranks", [job], [log])
+        wait_for(
+            lambda: pids.is_file() and len(pids.read_text().split()) == 4,
+            20,
+            "fake ranks",
+            [job],
+            [log],
+        )
         ranks = _procs(pids)
         time.sleep(1.5)  # the shells have looked at their trees at least once
         tree = psutil.Process(job.pid).children(recursive=True)

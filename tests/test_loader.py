@@ -40,7 +40,11 @@ def test_ranks_see_disjoint_shards_covering_the_epoch(urls):
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(128))
     # the next epoch reshuffles the shard order
-    again = [u for b in _uids(make_loader(_spec(urls, rank=0, world=2), EpochPlan(epoch=1, steps=8))) for u in b]
+    again = [
+        u
+        for b in _uids(make_loader(_spec(urls, rank=0, world=2), EpochPlan(epoch=1, steps=8)))
+        for u in b
+    ]
     assert again != seen[0]
 
 

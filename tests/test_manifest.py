@@ -19,7 +19,9 @@ def test_the_trainer_reads_what_data_prep_writes(tmp_path):
     write_digit_shards(tmp_path / "clean", n_shards=3, per_shard=20, uid_offset=100)
     written = inject_noise(tmp_path / "clean", tmp_path / "noisy", rate=0.25, seed=0)
     assert read_manifest(tmp_path / "noisy") == written
-    urls = expand_shards(brace_spec(tmp_path / "noisy"))  # data_prep's spec, expanded by the trainer
+    urls = expand_shards(
+        brace_spec(tmp_path / "noisy")
+    )  # data_prep's spec, expanded by the trainer
     assert [Path(u).name for u in urls] == [s["name"] for s in written["shards"]]
     assert count_samples(urls) == written["total"] == 60
     assert count_samples(urls[:2]) == 40

@@ -21,7 +21,10 @@ def test_quotas_are_largest_remainder_and_exact():
     assert cluster_quotas(cl, 4, 7).tolist() == [4, 2, 1, 0]
     gen = torch.Generator().manual_seed(0)
     for _ in range(200):
-        G, K = int(torch.randint(5, 60, (1,), generator=gen)), int(torch.randint(1, 8, (1,), generator=gen))
+        G, K = (
+            int(torch.randint(5, 60, (1,), generator=gen)),
+            int(torch.randint(1, 8, (1,), generator=gen)),
+        )
         cl = torch.randint(K, (G,), generator=gen)
         k = int(torch.randint(1, G + 1, (1,), generator=gen))
         q = cluster_quotas(cl, K, k)
@@ -49,13 +52,17 @@ def test_balanced_topk_takes_each_quota_by_key():
 def test_kmeans_pp_and_nearest_find_separated_clusters():
     gen = torch.Generator().manual_seed(1)
     centres = torch.eye(4, dtype=torch.float64)[:3] * 5
-    x = torch.cat([c + 0.1 * torch.randn(20, 4, generator=gen, dtype=torch.float64) for c in centres])
+    x = torch.cat(
+        [c + 0.1 * torch.randn(20, 4, generator=gen, dtype=torch.float64) for c in centres]
+    )
     c = kmeans_pp(x, 3, torch.Generator().manual_seed(0))
     lab = nearest(x, c)
-    assert all(len(set(lab[i * 20:(i + 1) * 20].tolist())) == 1 for i in range(3))
+    assert all(len(set(lab[i * 20 : (i + 1) * 20].tolist())) == 1 for i in range(3))
     assert len(set(lab.tolist())) == 3
     # fewer distinct rows than K still gives K centres
-    assert kmeans_pp(torch.ones(5, 2, dtype=torch.float64), 3, torch.Generator().manual_seed(0)).shape == (3, 2)
+    assert kmeans_pp(
+        torch.ones(5, 2, dtype=torch.float64), 3, torch.Generator().manual_seed(0)
+    ).shape == (3, 2)
 
 
 def test_cluster_balance_is_deterministic_learns_running_means_and_round_trips():

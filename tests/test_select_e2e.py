@@ -12,10 +12,20 @@ from trainutil import run_train, train_rows
 @pytest.mark.timeout(400)
 def test_balanced_filter_random_two_ranks_zero3_resumes_exactly(tmp_path):
     write_digit_shards(tmp_path / "noisy", n_shards=4, per_shard=64, seed=2, noise=0.4)
-    common = [f"data.train={tmp_path / 'noisy'}", "deepspeed.zero_stage=3", "selection.method=filter_random",
-              "selection.balance=clusters", "selection.clusters=4", "selection.ratio=0.5", "data.batch_size=16",
-              "selection.warmup_steps=2", "optim.epochs=2", "log.every_steps=1", "eval.at_end=false",
-              "optim.warmup_steps=2"]
+    common = [
+        f"data.train={tmp_path / 'noisy'}",
+        "deepspeed.zero_stage=3",
+        "selection.method=filter_random",
+        "selection.balance=clusters",
+        "selection.clusters=4",
+        "selection.ratio=0.5",
+        "data.batch_size=16",
+        "selection.warmup_steps=2",
+        "optim.epochs=2",
+        "log.every_steps=1",
+        "eval.at_end=false",
+        "optim.warmup_steps=2",
+    ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_train([*common, f"run.dir={straight}"], nproc=2)
     run_train([*common, f"run.dir={split}", "run.stop_after_steps=4"], nproc=2)
@@ -33,8 +43,13 @@ def test_balanced_filter_random_two_ranks_zero3_resumes_exactly(tmp_path):
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], abs=1e-6)
         cl = {k: v for k, v in a[step].items() if k.startswith("select/cluster_kept_frac/")}
         assert cl == {k: v for k, v in b[step].items() if k.startswith("select/cluster_kept_frac/")}
-    sel = [pd.concat(pd.read_parquet(p) for p in sorted((r / "selection").glob("*.parquet"))) for r in (straight, split)]
+    sel = [
+        pd.concat(pd.read_parquet(p) for p in sorted((r / "selection").glob("*.parquet")))
+        for r in (straight, split)
+    ]
     cols = ["step", "uid", "cluster"]
     kept = [s[s.kept & (s.step >= 4)].sort_values(cols)[cols].values.tolist() for s in sel]
     assert kept[0] == kept[1]
-    assert (sel[0][sel[0].warmup].cluster == -1).all() and (sel[0][~sel[0].warmup].cluster >= 0).all()
+    assert (sel[0][sel[0].warmup].cluster == -1).all() and (
+        sel[0][~sel[0].warmup].cluster >= 0
+    ).all()

@@ -17,9 +17,14 @@ def _inputs(G=24, seed=0, **over):
     gen = torch.Generator().manual_seed(seed)
     img = F.normalize(torch.randn(G, 8, generator=gen), dim=-1)
     txt = F.normalize(img + 0.5 * torch.randn(G, 8, generator=gen), dim=-1)
-    base = dict(s_G=100 * torch.rand(G, generator=gen), h_G=100 * torch.rand(G, generator=gen),
-                feats=(img, txt, torch.tensor(10.0)), rand_G=torch.rand(G, generator=gen), history="memory",
-                cluster_G=torch.arange(G) % 3)
+    base = dict(
+        s_G=100 * torch.rand(G, generator=gen),
+        h_G=100 * torch.rand(G, generator=gen),
+        feats=(img, txt, torch.tensor(10.0)),
+        rand_G=torch.rand(G, generator=gen),
+        history="memory",
+        cluster_G=torch.arange(G) % 3,
+    )
     base.update(over)
     return ScoreInputs(**base)
 
@@ -82,8 +87,9 @@ def test_filter_random_keeps_likely_clean_at_random():
     keys = []
     for seed in range(2):
         rand = torch.rand(G, generator=torch.Generator().manual_seed(seed))
-        key = METHODS["filter_random"].score(ScoreInputs(feats=(img, txt, torch.tensor(20.0)), rand_G=rand,
-                                                         cluster_G=None))
+        key = METHODS["filter_random"].score(
+            ScoreInputs(feats=(img, txt, torch.tensor(20.0)), rand_G=rand, cluster_G=None)
+        )
         top = torch.argsort(key, descending=True)[:20]
         assert not noisy[top].any()
         keys.append(set(top.tolist()))

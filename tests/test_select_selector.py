@@ -63,7 +63,7 @@ def sample(uid: int) -> dict:
     noisy = uid % 3 == 0
     cap = (c + 1) % 5 if noisy else c
     img = torch.zeros(12)
-    img[c * 2:c * 2 + 3] = 1.0
+    img[c * 2 : c * 2 + 3] = 1.0
     img += 0.3 * torch.randn(12, generator=gen)
     tok = torch.tensor([cap + 1, cap + 6, cap + 11, int(torch.randint(V, (1,), generator=gen))])
     return {"images": img.view(3, 2, 2), "tokens": tok, "uid": uid, "label": c, "noisy": noisy}
@@ -71,11 +71,18 @@ def sample(uid: int) -> dict:
 
 def global_batch(step: int, pool: int = POOL, fresh: bool = False) -> dict:
     gen = torch.Generator().manual_seed(step)
-    uids = torch.arange(step * G, (step + 1) * G) if fresh else torch.randperm(pool, generator=gen)[:G]
+    uids = (
+        torch.arange(step * G, (step + 1) * G) if fresh else torch.randperm(pool, generator=gen)[:G]
+    )
     rows = [sample(int(u)) for u in uids]
-    return {"images": torch.stack([r["images"] for r in rows]), "tokens": torch.stack([r["tokens"] for r in rows]),
-            "uid": torch.tensor([r["uid"] for r in rows]), "label": torch.tensor([r["label"] for r in rows]),
-            "noisy": torch.tensor([r["noisy"] for r in rows]), "captions": [f"uid {r['uid']}" for r in rows]}
+    return {
+        "images": torch.stack([r["images"] for r in rows]),
+        "tokens": torch.stack([r["tokens"] for r in rows]),
+        "uid": torch.tensor([r["uid"] for r in rows]),
+        "label": torch.tensor([r["label"] for r in rows]),
+        "noisy": torch.tensor([r["noisy"] for r in rows]),
+        "captions": [f"uid {r['uid']}" for r in rows],
+    }
 
 
 def local_part(batch: dict, rank: int, world: int) -> dict:
@@ -87,10 +94,21 @@ def local_part(batch: dict, rank: int, world: int) -> dict:
 def make_cfg(world: int, run_dir: str, **sel):
     from pipeline.config import config_from_dict
 
-    selection = {"method": "dissect", "ratio": 0.5, "warmup_steps": 3, "log_samples": False,
-                 "ema_momentum": 0.5, **sel}
-    return config_from_dict({"run": {"seed": 3, "dir": run_dir}, "data": {"batch_size": K_TRAIN // world},
-                             "selection": selection})
+    selection = {
+        "method": "dissect",
+        "ratio": 0.5,
+        "warmup_steps": 3,
+        "log_samples": False,
+        "ema_momentum": 0.5,
+        **sel,
+    }
+    return config_from_dict(
+        {
+            "run": {"seed": 3, "dir": run_dir},
+            "data": {"batch_size": K_TRAIN // world},
+            "selection": selection,
+        }
+    )
 
 
 def make_selector(rank: int, world: int, run_dir: str, store_size: int = POOL, **sel):
@@ -99,11 +117,22 @@ def make_selector(rank: int, world: int, run_dir: str, store_size: int = POOL, *
 
     engine = FakeEngine()
     dist = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
-    return Selector(make_cfg(world, run_dir, **sel), engine, dist, store_size, steps_per_epoch=4), engine
+    return Selector(
+        make_cfg(world, run_dir, **sel), engine, dist, store_size, steps_per_epoch=4
+    ), engine
 
 
-def run_steps(rank: int, world: int, run_dir: str, steps: int, sel: dict, start: int = 0, state=None,
-              fresh: bool = False, store_size: int = POOL):
+def run_steps(
+    rank: int,
+    world: int,
+    run_dir: str,
+    steps: int,
+    sel: dict,
+    start: int = 0,
+    state=None,
+    fresh: bool = False,
+    store_size: int = POOL,
+):
     """Selections of steps [start, steps): per step the uids this rank trains on, and the stats."""
     selector, engine = make_selector(rank, world, run_dir, store_size=store_size, **sel)
     for step in range(start):  # replay the weights' trajectory up to the resume point
@@ -112,13 +141,24 @@ def run_steps(rank: int, world: int, run_dir: str, steps: int, sel: dict, start:
         selector.load_state_dict(torch.load(io.BytesIO(state), weights_only=False))
     out = []
     for step in range(start, steps):
-        train, stats = selector.select(local_part(global_batch(step, fresh=fresh), rank, world), step)
+        train, stats = selector.select(
+            local_part(global_batch(step, fresh=fresh), rank, world), step
+        )
         assert train["uid"].shape[0] == K_TRAIN // world
-        rec = {"uid": train["uid"].tolist(), "stats": {k: v for k, v in stats.items() if k.startswith("select/")}}
+        rec = {
+            "uid": train["uid"].tolist(),
+            "stats": {k: v for k, v in stats.items() if k.startswith("select/")},
+        }
         if selector.reporter.last is not None:
             g = selector.reporter.last["g"]
             last = selector.reporter.last
-            rec.update(s=g.s.clone(), h=g.h.clone(), uid_G=g.uid.clone(), kept=last["kept"], cluster=last["cluster"])
+            rec.update(
+                s=g.s.clone(),
+                h=g.h.clone(),
+                uid_G=g.uid.clone(),
+                kept=last["kept"],
+                cluster=last["cluster"],
+            )
         out.append(rec)
         selector.after_step(step)
         engine.fake_step(step)
@@ -137,7 +177,11 @@ CASES = [
     {"method": "small_loss"},
     {"method": "big_loss"},
     {"method": "dissect", "history": "memory"},
-    {"method": "dissect", "history": "snapshot", "score_chunk": 3},  # chunked memo forwards in lockstep
+    {
+        "method": "dissect",
+        "history": "snapshot",
+        "score_chunk": 3,
+    },  # chunked memo forwards in lockstep
     {"method": "dissect", "history": "ema"},
     {"method": "dissect", "history": "score_ema"},
     {"method": "dissect_z", "history": "memory"},
@@ -161,7 +205,11 @@ def test_two_ranks_select_what_one_rank_selects(tmp_path):
             for key, v in one[step]["stats"].items():
                 if key == "select/moved_frac":  # rebalancing exists only across ranks
                     continue
-                assert two[0][step]["stats"][key] == pytest.approx(v, abs=1e-5, nan_ok=True), (sel, step, key)
+                assert two[0][step]["stats"][key] == pytest.approx(v, abs=1e-5, nan_ok=True), (
+                    sel,
+                    step,
+                    key,
+                )
         assert [r["stats"]["select/warmup"] for r in one] == [1.0] * 3 + [0.0] * (steps - 3)
 
 
@@ -185,17 +233,24 @@ def test_warmup_boundary_of_every_source(tmp_path):
     assert not torch.allclose(rec[4]["h"], rec[4]["s"], atol=1e-3)  # the live model has moved on
     # ema: averaged from step 0 (momentum 0.5), so after warm-up h differs from s
     rec, _ = run_steps(0, 1, str(tmp_path), 5, {"method": "dissect", "history": "ema"})
-    assert torch.equal(rec[2]["h"], torch.zeros(G)) and not torch.allclose(rec[3]["h"], rec[3]["s"], atol=1e-3)
+    assert torch.equal(rec[2]["h"], torch.zeros(G)) and not torch.allclose(
+        rec[3]["h"], rec[3]["s"], atol=1e-3
+    )
     # score_ema: read in warm-up too; h = s at first sight
     rec, _ = run_steps(0, 1, str(tmp_path), 2, {"method": "dissect", "history": "score_ema"})
     assert torch.allclose(rec[0]["h"], rec[0]["s"])
 
 
-@pytest.mark.parametrize("sel", [{"method": "dissect", "history": "memory"},
-                                 {"method": "dissect", "history": "snapshot"},
-                                 {"method": "dissect", "history": "ema"},
-                                 {"method": "dissect", "history": "score_ema"},
-                                 {"method": "clipscore", "balance": "clusters", "clusters": 3}])
+@pytest.mark.parametrize(
+    "sel",
+    [
+        {"method": "dissect", "history": "memory"},
+        {"method": "dissect", "history": "snapshot"},
+        {"method": "dissect", "history": "ema"},
+        {"method": "dissect", "history": "score_ema"},
+        {"method": "clipscore", "balance": "clusters", "clusters": 3},
+    ],
+)
 def test_resume_from_state_dict_is_exact(tmp_path, sel):
     straight, _ = run_steps(0, 1, str(tmp_path), 8, sel)
     _, state = run_steps(0, 1, str(tmp_path), 5, sel)
@@ -210,15 +265,22 @@ def test_neutral_keys_are_kept_uniformly_over_the_uid_range(tmp_path):
     # super-batch. uids arrive in ascending (url-list) order; a uid tie-break would always keep
     # the lowest half, the seeded draw keeps each position about half of the time.
     steps = 200
-    rec, _ = run_steps(0, 1, str(tmp_path), steps, {"method": "dissect", "history": "memory", "warmup_steps": 0},
-                       fresh=True, store_size=steps * G)
+    rec, _ = run_steps(
+        0,
+        1,
+        str(tmp_path),
+        steps,
+        {"method": "dissect", "history": "memory", "warmup_steps": 0},
+        fresh=True,
+        store_size=steps * G,
+    )
     kept = torch.zeros(G)
     for r in rec:
         assert torch.all(r["h"] == r["s"])
         kept += r["kept"].float()
     frac = kept / steps
     assert frac.min() > 0.35 and frac.max() < 0.65, frac
-    assert abs(frac[: G // 2].mean() - frac[G // 2:].mean()) < 0.08
+    assert abs(frac[: G // 2].mean() - frac[G // 2 :].mean()) < 0.08
 
 
 def write_tiny_shard(path, with_noisy: bool):
@@ -255,9 +317,13 @@ def test_oracle_keeps_clean_pairs_and_is_refused_without_the_flag(tmp_path):
 
 
 def test_balance_reports_kept_fraction_per_cluster(tmp_path):
-    rec, _ = run_steps(0, 1, str(tmp_path), 6, {"method": "clipscore", "balance": "clusters", "clusters": 3})
+    rec, _ = run_steps(
+        0, 1, str(tmp_path), 6, {"method": "clipscore", "balance": "clusters", "clusters": 3}
+    )
     for r in rec[:3]:
-        assert not any(k.startswith("select/cluster_kept_frac/") for k in r["stats"])  # warm-up: random
+        assert not any(
+            k.startswith("select/cluster_kept_frac/") for k in r["stats"]
+        )  # warm-up: random
     for r in rec[3:]:
         n = torch.bincount(r["cluster"], minlength=3)
         kept = torch.bincount(r["cluster"][r["kept"]], minlength=3)
@@ -266,7 +332,9 @@ def test_balance_reports_kept_fraction_per_cluster(tmp_path):
             # largest remainder: each cluster keeps its share of the kept set, within one sample
             assert abs(int(kept[c]) - K_TRAIN * int(n[c]) / G) < 1
             if n[c]:
-                assert r["stats"][f"select/cluster_kept_frac/c{c:02d}"] == pytest.approx(float(kept[c] / n[c]))
+                assert r["stats"][f"select/cluster_kept_frac/c{c:02d}"] == pytest.approx(
+                    float(kept[c] / n[c])
+                )
         assert r["stats"]["select/clusters_used"] == int((n > 0).sum()) >= 2
 
 
@@ -299,8 +367,9 @@ def test_report_writes_histograms_grid_and_sample_log(tmp_path):
     import pandas as pd
 
     (tmp_path / "selection").mkdir()
-    selector, engine = make_selector(0, 1, str(tmp_path), history="memory", log_samples=True,
-                                     grid_every_steps=3)
+    selector, engine = make_selector(
+        0, 1, str(tmp_path), history="memory", log_samples=True, grid_every_steps=3
+    )
     sink = ListSink()
     for step in range(4):
         selector.select(global_batch(step), step)
@@ -308,8 +377,13 @@ def test_report_writes_histograms_grid_and_sample_log(tmp_path):
         if step % 2 == 1:
             selector.report(sink, step)
     tags = {(kind, tag) for kind, tag, _ in sink.calls}
-    assert {("histogram", "select/hist_s"), ("histogram", "select/hist_h"), ("histogram", "select/hist_key"),
-            ("image", "select/most_rejected"), ("text", "select/most_rejected_captions")} <= tags
+    assert {
+        ("histogram", "select/hist_s"),
+        ("histogram", "select/hist_h"),
+        ("histogram", "select/hist_key"),
+        ("image", "select/most_rejected"),
+        ("text", "select/most_rejected_captions"),
+    } <= tags
     parts = sorted((tmp_path / "selection").glob("part-*.parquet"))
     assert [p.name for p in parts] == ["part-00000001.parquet", "part-00000003.parquet"]
     df = pd.concat(pd.read_parquet(p) for p in parts)

@@ -26,7 +26,7 @@ def test_plan_balances_every_distribution(world, B, b):
         m = torch.zeros(G, dtype=torch.bool)
         lo = r * B
         n = min(world * b, B)
-        m[lo:lo + n] = True
+        m[lo : lo + n] = True
         rest = world * b - n
         others = [i for i in range(G) if not m[i]][:rest]
         m[others] = True
@@ -37,7 +37,7 @@ def test_plan_balances_every_distribution(world, B, b):
         cases.append(m)
     for kept in cases:
         plan = plan_rebalance(kept, world, b)
-        counts = [kept[r * B:(r + 1) * B].sum().item() for r in range(world)]
+        counts = [kept[r * B : (r + 1) * B].sum().item() for r in range(world)]
         surplus = sum(max(0, c - b) for c in counts)
         assert plan.moved == surplus
         received = [sum(len(plan.send_local[s][d]) for s in range(world)) for d in range(world)]
@@ -60,24 +60,29 @@ def _rank_topk(rank, world, B, b, mode):
     gen = torch.Generator().manual_seed(123)
     key_all = torch.rand(world * B, generator=gen)
     if mode == "one_rank":  # every winner on the last rank
-        key_all[(world - 1) * B:] += 10.0
+        key_all[(world - 1) * B :] += 10.0
     uid_all = torch.randperm(world * B, generator=gen) + 1000
     lo = rank * B
     batch = {
         "images": torch.arange(lo, lo + B).float().view(B, 1, 1, 1).expand(B, 3, 2, 2).clone(),
         "tokens": torch.arange(lo, lo + B).view(B, 1).repeat(1, 4),
-        "uid": uid_all[lo:lo + B].clone(),
+        "uid": uid_all[lo : lo + B].clone(),
         "label": torch.arange(lo, lo + B) % 7,
         "noisy": (torch.arange(lo, lo + B) % 3) == 0,
     }
-    key_G = all_gather_cat(key_all[lo:lo + B])
+    key_G = all_gather_cat(key_all[lo : lo + B])
     uid_G = all_gather_cat(batch["uid"])
     kept = global_topk(key_G, uid_G, world * b)
     plan = plan_rebalance(kept, world, b)
     out = apply_rebalance(batch, plan, rank, world)
-    return {"uid": out["uid"].tolist(), "row": out["images"][:, 0, 0, 0].long().tolist(),
-            "tok": out["tokens"][:, 0].tolist(), "noisy": out["noisy"].tolist(),
-            "moved": plan.moved, "ref": uid_all[global_topk(key_all, uid_all, world * b)].tolist()}
+    return {
+        "uid": out["uid"].tolist(),
+        "row": out["images"][:, 0, 0, 0].long().tolist(),
+        "tok": out["tokens"][:, 0].tolist(),
+        "noisy": out["noisy"].tolist(),
+        "moved": plan.moved,
+        "ref": uid_all[global_topk(key_all, uid_all, world * b)].tolist(),
+    }
 
 
 @pytest.mark.distributed

@@ -14,7 +14,9 @@ from pipeline.curate import curate
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
     write_digit_shards(root / "train", n_shards=4, per_shard=128, seed=0)
-    write_digit_shards(root / "val", n_shards=1, per_shard=200, seed=1, uid_offset=10_000, with_val_meta=True)
+    write_digit_shards(
+        root / "val", n_shards=1, per_shard=200, seed=1, uid_offset=10_000, with_val_meta=True
+    )
     write_digit_shards(root / "noisy", n_shards=4, per_shard=128, seed=2, noise=0.4)
     return root
 
@@ -25,9 +27,19 @@ def test_single_process_learns_and_writes_run_dir(shards, tmp_path):
     from pipeline.evaluate import main as eval_main
 
     run = tmp_path / "run"
-    proc = run_train([f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", f"run.dir={run}",
-                      "optim.lr=2e-3", "optim.epochs=5", "log.every_steps=4", "checkpoint.every_steps=40",
-                      "eval.every_steps=40", "log.progress_every_s=0.5"])
+    proc = run_train(
+        [
+            f"data.train={shards / 'train'}",
+            f"data.val={shards / 'val'}",
+            f"run.dir={run}",
+            "optim.lr=2e-3",
+            "optim.epochs=5",
+            "log.every_steps=4",
+            "checkpoint.every_steps=40",
+            "eval.every_steps=40",
+            "log.progress_every_s=0.5",
+        ]
+    )
     # not a terminal: progress lines (first and last step at least), readable eval lines
     progress = [ln for ln in proc.stderr.splitlines() if ln.startswith("step ")]
     assert progress[0].startswith("step 1/80 ") and progress[-1].startswith("step 80/80 (100%)")
@@ -35,11 +47,29 @@ def test_single_process_learns_and_writes_run_dir(shards, tmp_path):
     evals = [ln for ln in proc.stderr.splitlines() if ln.startswith("eval @ step")]
     assert len(evals) == 2 and all("zero-shot top-1" in ln and "{" not in ln for ln in evals)
     assert "No pretrained weights loaded" not in proc.stderr and "Warning" not in proc.stderr
-    for name in ("config.yaml", "ds_config.json", "metrics.jsonl", "eval.json", "model.pt", "tb", "checkpoints/latest"):
+    for name in (
+        "config.yaml",
+        "ds_config.json",
+        "metrics.jsonl",
+        "eval.json",
+        "model.pt",
+        "tb",
+        "checkpoints/latest",
+    ):
         assert (run / name).exists(), name
     rows = train_rows(run)
-    for key in ("step", "epoch", "samples_seen", "samples_trained", "loss", "lr", "time_s",
-                "perf/data_s", "perf/train_s", "perf/samples_per_s"):
+    for key in (
+        "step",
+        "epoch",
+        "samples_seen",
+        "samples_trained",
+        "loss",
+        "lr",
+        "time_s",
+        "perf/data_s",
+        "perf/train_s",
+        "perf/samples_per_s",
+    ):
         assert key in rows[-1], key
     losses = [r["loss"] for r in rows]
     third = max(1, len(losses) // 3)
@@ -57,19 +87,42 @@ def test_single_process_learns_and_writes_run_dir(shards, tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("stage,history,chunk", [(0, "memory", 512), (1, "snapshot", 512), (2, "score_ema", 512),
-                                                 (3, "ema", 512), (3, "snapshot", 8)])
+@pytest.mark.parametrize(
+    "stage,history,chunk",
+    [
+        (0, "memory", 512),
+        (1, "snapshot", 512),
+        (2, "score_ema", 512),
+        (3, "ema", 512),
+        (3, "snapshot", 8),
+    ],
+)
 def test_two_ranks_every_zero_stage_with_selection(shards, tmp_path, stage, history, chunk):
     # (3, snapshot, chunk 8): ranks have different numbers of samples to score with the snapshot,
     # so they must pad their chunked forwards to run ZeRO-3's gathers in lockstep
     run = tmp_path / "run"
-    proc = run_train([f"data.train={shards / 'noisy'}", f"data.val={shards / 'val'}", f"run.dir={run}",
-               f"deepspeed.zero_stage={stage}", "selection.method=dissect", f"selection.history={history}",
-               "selection.ratio=0.5", "data.batch_size=16", "selection.warmup_steps=4",
-               f"selection.score_chunk={chunk}", "optim.lr=2e-3", "optim.epochs=3", "log.every_steps=2"],
-              nproc=2)
+    proc = run_train(
+        [
+            f"data.train={shards / 'noisy'}",
+            f"data.val={shards / 'val'}",
+            f"run.dir={run}",
+            f"deepspeed.zero_stage={stage}",
+            "selection.method=dissect",
+            f"selection.history={history}",
+            "selection.ratio=0.5",
+            "data.batch_size=16",
+            "selection.warmup_steps=4",
+            f"selection.score_chunk={chunk}",
+            "optim.lr=2e-3",
+            "optim.epochs=3",
+            "log.every_steps=2",
+        ],
+        nproc=2,
+    )
     # each warning once per job: no library deprecation notices, no per-rank duplicates
-    assert "Warning" not in proc.stderr and proc.stderr.count("built successfully") == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr and proc.stderr.count("built successfully") == 0, (
+        proc.stderr[-3000:]
+    )
     rows = train_rows(run)
     assert rows[-1]["step"] == 3 * 512 // (2 * 32)
     assert rows[-1]["samples_trained"] * 2 == rows[-1]["samples_seen"]
@@ -116,10 +169,19 @@ def check_score_ema(sel, momentum):
 @pytest.mark.distributed
 @pytest.mark.timeout(400)
 def test_resume_reproduces_the_uninterrupted_run(shards, tmp_path):
-    common = [f"data.train={shards / 'noisy'}", "deepspeed.zero_stage=2", "selection.method=dissect",
-              "selection.history=memory", "selection.ratio=0.5", "data.batch_size=16",
-              "selection.warmup_steps=4", "optim.epochs=2", "log.every_steps=1", "eval.at_end=false",
-              "optim.warmup_steps=3"]
+    common = [
+        f"data.train={shards / 'noisy'}",
+        "deepspeed.zero_stage=2",
+        "selection.method=dissect",
+        "selection.history=memory",
+        "selection.ratio=0.5",
+        "data.batch_size=16",
+        "selection.warmup_steps=4",
+        "optim.epochs=2",
+        "log.every_steps=1",
+        "eval.at_end=false",
+        "optim.warmup_steps=3",
+    ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_train([*common, f"run.dir={straight}"], nproc=2)
     run_train([*common, f"run.dir={split}", "run.stop_after_steps=8"], nproc=2)

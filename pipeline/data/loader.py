@@ -69,7 +69,14 @@ def _rng(*parts: int) -> random.Random:
 
 
 def shard_source(
-    urls: list[str], *, seed: int, epoch: int, rank: int, world: int, worker: int, nworkers: int,
+    urls: list[str],
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world: int,
+    worker: int,
+    nworkers: int,
     resampled: bool,
 ) -> Iterator[dict]:
     """Endless {"url": ...} for this (rank, worker); see the module docstring for the order."""
@@ -90,7 +97,9 @@ def shard_source(
             yield {"url": u, "pass": rep}
 
 
-def shuffle_within_passes(samples: Iterable[dict], bufsize: int, seed_parts: tuple) -> Iterator[dict]:
+def shuffle_within_passes(
+    samples: Iterable[dict], bufsize: int, seed_parts: tuple
+) -> Iterator[dict]:
     """A seeded shuffle buffer that drains at every pass boundary (sample["__pass__"] changes).
 
     A worker's shards are read in passes; draining keeps one pass's samples from mixing with the
@@ -158,7 +167,9 @@ class SkipCounter:
         """Pass shards through, noting the current one; ConfigError after ``stall_after`` barren ones."""
         read_at, barren = self.read, -1
         for item in src:
-            barren = barren + 1 if self.read == read_at else 0  # did the previous shard give samples?
+            barren = (
+                barren + 1 if self.read == read_at else 0
+            )  # did the previous shard give samples?
             read_at = self.read
             if stall_after and barren >= stall_after:
                 names = ", ".join(list(self.by_shard)[:5]) or self.url
@@ -168,7 +179,9 @@ class SkipCounter:
             self.url, self._shard_failed = item["url"], False
             self.pass_id = item.get("pass", 0)
             if tar_cut_short(self.url):
-                self._shard_error("truncated_tar", "no tar end-of-archive marker: cut short, or not a tar")
+                self._shard_error(
+                    "truncated_tar", "no tar end-of-archive marker: cut short, or not a tar"
+                )
             yield item
 
     def count_read(self, samples: Iterable[dict]) -> Iterator[dict]:
@@ -185,8 +198,11 @@ class SkipCounter:
         self._shard_failed = True
         self.counts[reason] += 1
         if self.url not in self.by_shard:
-            print(f"dissect-train: warning: shard {self.url}: {detail}; reading what it can",
-                  file=sys.stderr, flush=True)
+            print(
+                f"dissect-train: warning: shard {self.url}: {detail}; reading what it can",
+                file=sys.stderr,
+                flush=True,
+            )
         self.by_shard[self.url] += 1
 
     def tar_handler(self, exn: Exception) -> bool:
@@ -242,7 +258,9 @@ def decode_sample(sample: dict, preprocess: Callable) -> dict:
         raise SkipSample("bad_image") from None
     label = meta.get("label", -1)
     # Python's json accepts NaN and 1e999; int() of those would end the whole run
-    ok_label = isinstance(label, (int, float)) and not isinstance(label, bool) and math.isfinite(label)
+    ok_label = (
+        isinstance(label, (int, float)) and not isinstance(label, bool) and math.isfinite(label)
+    )
     return {
         "image": image,
         "caption": caption.strip(),
@@ -315,8 +333,14 @@ class ShardStream(torch.utils.data.IterableDataset):
             return
         counter = SkipCounter()
         src = shard_source(
-            sp.urls, seed=sp.seed, epoch=plan.epoch, rank=sp.rank, world=sp.world,
-            worker=logical, nworkers=nw, resampled=sp.resampled,
+            sp.urls,
+            seed=sp.seed,
+            epoch=plan.epoch,
+            rank=sp.rank,
+            world=sp.world,
+            worker=logical,
+            nworkers=nw,
+            resampled=sp.resampled,
         )
         if not sp.shuffle:  # evaluation: every shard once, in order
             src = ({"url": u} for u in sp.urls)
@@ -327,14 +351,20 @@ class ShardStream(torch.utils.data.IterableDataset):
         samples = wds.tarfile_samples(counter.track(src, stall, where), handler=counter.tar_handler)
         samples = counter.count_read(samples)
         if sp.shuffle and sp.shuffle_buffer > 1:
-            samples = shuffle_within_passes(samples, sp.shuffle_buffer, (sp.seed, plan.epoch, sp.rank, logical, 11))
+            samples = shuffle_within_passes(
+                samples, sp.shuffle_buffer, (sp.seed, plan.epoch, sp.rank, logical, 11)
+            )
         position = [0]
         samples = skip_raw(samples, plan.raw_pos.get(logical, 0), position)
 
         def batch_of(items: list[dict]) -> dict:
             batch = collate(items, sp.tokenizer)
-            batch.update(worker=logical, raw_pos=position[0], skipped=counter.take(),
-                         bad_shards=counter.worst_shards())
+            batch.update(
+                worker=logical,
+                raw_pos=position[0],
+                skipped=counter.take(),
+                bad_shards=counter.worst_shards(),
+            )
             return batch
 
         items: list[dict] = []
@@ -343,8 +373,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             try:
                 if sp.shuffle:  # training: random augmentation, seeded by the sample's place
                     with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(_rng(sp.seed, plan.epoch, sp.rank, logical, position[0], 13)
-                                          .getrandbits(63))
+                        torch.manual_seed(
+                            _rng(
+                                sp.seed, plan.epoch, sp.rank, logical, position[0], 13
+                            ).getrandbits(63)
+                        )
                         items.append(decode_sample(raw, sp.preprocess))
                 else:
                     items.append(decode_sample(raw, sp.preprocess))
@@ -382,8 +415,14 @@ def make_loader(spec: StreamSpec, plan: EpochPlan) -> torch.utils.data.DataLoade
 
 def make_eval_loader(urls: list[str], preprocess, tokenizer, batch_size: int, max_samples: int = 0):
     """Every sample of the val shards once, in order, same on every rank (at most max_samples)."""
-    spec = StreamSpec(urls=urls, batch_size=batch_size, preprocess=preprocess, tokenizer=tokenizer,
-                      shuffle=False, nworkers=0)
+    spec = StreamSpec(
+        urls=urls,
+        batch_size=batch_size,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        shuffle=False,
+        nworkers=0,
+    )
     stream = ShardStream(spec, EpochPlan(epoch=0, steps=1 << 40))
     if not max_samples:
         return stream
@@ -395,7 +434,10 @@ def _truncate(batches: Iterable[dict], n: int) -> Iterator[dict]:
     for batch in batches:
         take = min(len(batch["uid"]), n - seen)
         if take < len(batch["uid"]):
-            batch = {k: (v[:take] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+            batch = {
+                k: (v[:take] if isinstance(v, (torch.Tensor, list)) else v)
+                for k, v in batch.items()
+            }
         yield batch
         seen += take
         if seen >= n:

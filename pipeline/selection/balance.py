@@ -57,8 +57,13 @@ def cluster_quotas(cluster_G: torch.Tensor, K: int, k: int) -> torch.Tensor:
     return q_K
 
 
-def balanced_topk(key_G: torch.Tensor, tie_G: torch.Tensor, cluster_G: torch.Tensor, quota_K: torch.Tensor,
-                  largest: bool = True) -> torch.Tensor:
+def balanced_topk(
+    key_G: torch.Tensor,
+    tie_G: torch.Tensor,
+    cluster_G: torch.Tensor,
+    quota_K: torch.Tensor,
+    largest: bool = True,
+) -> torch.Tensor:
     """Bool mask [G]: in each cluster c, the quota_K[c] rows with the best key (ties by tie_G)."""
     G, K = key_G.numel(), quota_K.numel()
     key, cl = key_G.detach().double().cpu(), cluster_G.cpu()
@@ -103,11 +108,18 @@ class ClusterBalance:
         return cl
 
     def state_dict(self) -> dict:
-        return {"K": self.K, "seed": self.seed, "centroids": self.centroids, "counts": self.counts.clone()}
+        return {
+            "K": self.K,
+            "seed": self.seed,
+            "centroids": self.centroids,
+            "counts": self.counts.clone(),
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         if sd["K"] != self.K:
-            raise ValueError(f"balance checkpoint has {sd['K']} clusters, this run selection.clusters={self.K}")
+            raise ValueError(
+                f"balance checkpoint has {sd['K']} clusters, this run selection.clusters={self.K}"
+            )
         self.centroids = None if sd["centroids"] is None else sd["centroids"].clone()
         self.counts = sd["counts"].clone()
 

@@ -29,7 +29,7 @@ def rank_auc(pos_scores: np.ndarray, neg_scores: np.ndarray) -> float:
         j = i
         while j + 1 < len(sorted_v) and sorted_v[j + 1] == sorted_v[i]:
             j += 1
-        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1
+        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1
         i = j + 1
     r_pos = ranks[:n_pos].sum()
     return float((r_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
@@ -79,7 +79,9 @@ def rejected_grid(images_NCHW: torch.Tensor, captions: list[str], n: int = 8) ->
     return np.asarray(canvas)
 
 
-def step_stats(g, key_G: torch.Tensor, kept_G: torch.Tensor, largest: bool, warm: bool, scored: bool) -> dict:
+def step_stats(
+    g, key_G: torch.Tensor, kept_G: torch.Tensor, largest: bool, warm: bool, scored: bool
+) -> dict:
     """The select/* scalars of one step (``g``: the step's Gathered rows)."""
     stats = {"select/warmup": float(warm), "select/kept_frac": float(kept_G.float().mean())}
     if g.noisy.any():
@@ -107,27 +109,55 @@ class SelectionReport:
         self.last: dict | None = None
         self.rows: list[dict] = []
 
-    def record(self, step: int, epoch: int, g, key_G: torch.Tensor, kept_G: torch.Tensor, largest: bool,
-               warm: bool, batch: dict, cluster_G: torch.Tensor | None = None) -> None:
+    def record(
+        self,
+        step: int,
+        epoch: int,
+        g,
+        key_G: torch.Tensor,
+        kept_G: torch.Tensor,
+        largest: bool,
+        warm: bool,
+        batch: dict,
+        cluster_G: torch.Tensor | None = None,
+    ) -> None:
         if not self.is_main:
             return
         G = g.uid.numel()
         cluster_G = cluster_G if cluster_G is not None else torch.full((G,), -1, dtype=torch.long)
-        self.last = {"g": g, "key": key_G, "kept": kept_G, "largest": largest, "batch": batch, "cluster": cluster_G}
+        self.last = {
+            "g": g,
+            "key": key_G,
+            "kept": kept_G,
+            "largest": largest,
+            "batch": batch,
+            "cluster": cluster_G,
+        }
         if self.log_samples:
-            self.rows.append({
-                "step": np.full(G, step, dtype=np.int64), "epoch": np.full(G, epoch, dtype=np.int32),
-                "uid": g.uid.numpy(), "s": g.s.numpy(), "h": g.h.numpy(), "d": key_G.float().numpy(),
-                "kept": kept_G.numpy(), "noisy": g.noisy.numpy(), "warmup": np.full(G, warm),
-                "cluster": cluster_G.numpy(),  # -1: no balance, or warm-up
-            })
+            self.rows.append(
+                {
+                    "step": np.full(G, step, dtype=np.int64),
+                    "epoch": np.full(G, epoch, dtype=np.int32),
+                    "uid": g.uid.numpy(),
+                    "s": g.s.numpy(),
+                    "h": g.h.numpy(),
+                    "d": key_G.float().numpy(),
+                    "kept": kept_G.numpy(),
+                    "noisy": g.noisy.numpy(),
+                    "warmup": np.full(G, warm),
+                    "cluster": cluster_G.numpy(),  # -1: no balance, or warm-up
+                }
+            )
 
     def histograms(self) -> dict:
         if self.last is None:
             return {}
         g = self.last["g"]
-        return {"select/hist_s": g.s.numpy(), "select/hist_h": g.h.numpy(),
-                "select/hist_key": self.last["key"].float().numpy()}
+        return {
+            "select/hist_s": g.s.numpy(),
+            "select/hist_h": g.h.numpy(),
+            "select/hist_key": self.last["key"].float().numpy(),
+        }
 
     def rejected(self, n: int = 8):
         """(HWC image, captions) of this rank's most-rejected pairs in the last step, or None."""

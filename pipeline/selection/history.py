@@ -50,6 +50,8 @@ class WeightHistory:
         if shards is not None:
             mine = self.engine.partitions()
             if len(shards) != len(mine) or any(a.shape != b.shape for a, b in zip(shards, mine)):
-                raise ValueError("historical weights in the checkpoint do not match this model's partitions "
-                                 "(different model or ZeRO stage / world size)")
+                raise ValueError(
+                    "historical weights in the checkpoint do not match this model's partitions "
+                    "(different model or ZeRO stage / world size)"
+                )
         self.shards = shards

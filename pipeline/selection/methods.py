@@ -54,7 +54,9 @@ def differential(s_G: torch.Tensor, h_G: torch.Tensor, centred: bool = True) -> 
     return (h - s).float()
 
 
-def per_sample_clip_loss(img_GD: torch.Tensor, txt_GD: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def per_sample_clip_loss(
+    img_GD: torch.Tensor, txt_GD: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """Symmetric InfoNCE of each pair against the rest of the gathered super-batch. [G]"""
     logits = logit_scale.float() * img_GD.float() @ txt_GD.float().T
     target = torch.arange(logits.shape[0], device=logits.device)
@@ -87,7 +89,7 @@ def standardise(x_G: torch.Tensor, group_G: torch.Tensor | None = None) -> torch
     group_G = group_G.cpu()
     n = torch.bincount(group_G).double()
     mean = torch.bincount(group_G, weights=x) / n.clamp_min(1)
-    var = torch.bincount(group_G, weights=x * x) / n.clamp_min(1) - mean ** 2
+    var = torch.bincount(group_G, weights=x * x) / n.clamp_min(1) - mean**2
     std = var.clamp_min(0).sqrt()[group_G]
     z = (x - mean[group_G]) / std.clamp_min(1e-12)
     return torch.where(std > 1e-9, z, torch.zeros_like(z))

@@ -48,8 +48,13 @@ class Scorer:
         return nullcontext()
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor, tokens: torch.Tensor, n_chunks: int | None = None,
-                 pad: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def features(
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        n_chunks: int | None = None,
+        pad: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         """Chunked no-grad forward -> (img_ND fp32, txt_ND fp32, logit_scale).
 
         ``n_chunks`` forces the number of forwards (ZeRO-3 needs every rank to run the same
@@ -88,5 +93,7 @@ class Scorer:
         dev_rows = rows_N.to(batch["images"].device)
         pad = (batch["images"][:1], batch["tokens"][:1])
         with weights.weights():
-            img, txt, _ = self.features(batch["images"][dev_rows], batch["tokens"][dev_rows], n_chunks, pad)
+            img, txt, _ = self.features(
+                batch["images"][dev_rows], batch["tokens"][dev_rows], n_chunks, pad
+            )
         return correlation(img, txt).cpu()

@@ -56,17 +56,30 @@ class Selector:
             raise ConfigError(
                 f"selection.method={sc.method} ranks by the ground-truth noisy flag, but the train shards "
                 f"({cfg.data.train}) carry none: it is for benchmarks on noise-injected data "
-                "(dissect-prep demo / dissect-prep noise)")
+                "(dissect-prep demo / dissect-prep noise)"
+            )
         G = dist.world_size * self.B
         if sc.balance == "clusters" and sc.clusters > G:
-            raise ConfigError(f"selection.clusters must be at most the global super-batch ({G} rows), "
-                              f"got {sc.clusters}")
-        self.balance = ClusterBalance(sc.clusters, cfg.run.seed) if sc.balance == "clusters" else None
-        self.source = make_source(sc.history if self.method.needs_h else None, engine, store_size,
-                                  dist.rank, dist.world_size, sc.ema_momentum, sc.score_momentum)
+            raise ConfigError(
+                f"selection.clusters must be at most the global super-batch ({G} rows), "
+                f"got {sc.clusters}"
+            )
+        self.balance = (
+            ClusterBalance(sc.clusters, cfg.run.seed) if sc.balance == "clusters" else None
+        )
+        self.source = make_source(
+            sc.history if self.method.needs_h else None,
+            engine,
+            store_size,
+            dist.rank,
+            dist.world_size,
+            sc.ema_momentum,
+            sc.score_momentum,
+        )
         self.scorer = Scorer(engine, sc.score_chunk, cfg.deepspeed.precision)
-        self.reporter = diag.SelectionReport(Path(cfg.run.dir) / "selection", dist.is_main,
-                                             sc.log_samples, sc.grid_every_steps)
+        self.reporter = diag.SelectionReport(
+            Path(cfg.run.dir) / "selection", dist.is_main, sc.log_samples, sc.grid_every_steps
+        )
 
     def in_warmup(self, step: int) -> bool:
         return step < self.warmup_steps
@@ -98,9 +111,13 @@ class Selector:
         train = apply_rebalance(batch, plan, self.dist.rank, W)
         sync(self.engine.device)
         score_s = self.scorer.take_seconds()
-        stats = {"perf/score_s": score_s, "perf/select_s": t1 - t0 - score_s,
-                 "perf/rebalance_s": time.perf_counter() - t1, "select/moved_frac": plan.moved / float(W * b),
-                 **diag.step_stats(g, key_G, kept_G, largest, warm, scored)}
+        stats = {
+            "perf/score_s": score_s,
+            "perf/select_s": t1 - t0 - score_s,
+            "perf/rebalance_s": time.perf_counter() - t1,
+            "select/moved_frac": plan.moved / float(W * b),
+            **diag.step_stats(g, key_G, kept_G, largest, warm, scored),
+        }
         if cluster_G is not None:
             stats.update(cluster_stats(cluster_G, kept_G, self.sc.clusters))
         self.reporter.record(step, epoch, g, key_G, kept_G, largest, warm, batch, cluster_G)
@@ -120,11 +137,26 @@ class Selector:
         B = self.B
         s_B = correlation(feats_B[0], feats_B[1]).cpu() if scored else torch.zeros(B)
         h_B = h_B if h_B is not None else torch.zeros(B)
-        local = torch.stack([batch["uid"].double(), s_B.double(), h_B.double(),
-                             batch["noisy"].double(), batch["label"].double()], dim=1)
+        local = torch.stack(
+            [
+                batch["uid"].double(),
+                s_B.double(),
+                h_B.double(),
+                batch["noisy"].double(),
+                batch["label"].double(),
+            ],
+            dim=1,
+        )
         x = all_gather_cat(local)
-        return Gathered(uid=x[:, 0].long(), s=x[:, 1].float(), h=x[:, 2].float(), noisy=x[:, 3] > 0.5,
-                        label=x[:, 4].long(), rank=self.dist.rank, B=B)
+        return Gathered(
+            uid=x[:, 0].long(),
+            s=x[:, 1].float(),
+            h=x[:, 2].float(),
+            noisy=x[:, 3] > 0.5,
+            label=x[:, 4].long(),
+            rank=self.dist.rank,
+            B=B,
+        )
 
     def _draws(self, step: int, G: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(rand_G uniform keys, tie_G permutation), seeded by (run.seed, step): equal on all ranks."""
@@ -136,11 +168,22 @@ class Selector:
         if warm:
             return rand_G, True, None
         m = self.method
-        txt_GD = all_gather_cat(feats_B[1]) if feats_B is not None and (m.needs_feats or self.balance is not None) else None
+        txt_GD = (
+            all_gather_cat(feats_B[1])
+            if feats_B is not None and (m.needs_feats or self.balance is not None)
+            else None
+        )
         cluster_G = self.balance.assign(txt_GD) if self.balance is not None else None
         feats = (all_gather_cat(feats_B[0]), txt_GD, feats_B[2].detach()) if m.needs_feats else None
-        inputs = ScoreInputs(s_G=g.s, h_G=g.h, feats=feats, rand_G=rand_G, history=self.source.name,
-                             cluster_G=cluster_G, noisy_G=g.noisy if m.needs_truth else None)
+        inputs = ScoreInputs(
+            s_G=g.s,
+            h_G=g.h,
+            feats=feats,
+            rand_G=rand_G,
+            history=self.source.name,
+            cluster_G=cluster_G,
+            noisy_G=g.noisy if m.needs_truth else None,
+        )
         return m.score(inputs).cpu(), m.largest, cluster_G
 
     def after_step(self, step: int) -> None:

@@ -30,6 +30,7 @@ from pipeline.selection.store import ScoreStore
 @dataclass
 class Gathered:
     """The step's per-row values over the global super-batch, identical on every rank."""
+
     uid: torch.Tensor  # [G] int64
     s: torch.Tensor  # [G] current correlation (0 where not scored)
     h: torch.Tensor  # [G] historical correlation (0 until a source fills it)
@@ -90,6 +91,7 @@ class _StoreSource(NoHistory):
 
 class MemorySource(_StoreSource):
     """The upstream's main method: warm-up writes each sample's s; afterwards the store is read."""
+
     name = "memory"
 
     def needs_s(self, warm: bool) -> bool:
@@ -105,6 +107,7 @@ class MemorySource(_StoreSource):
 
 class ScoreEmaSource(_StoreSource):
     """Upstream's momentum variant: h <- m h + (1 - m) s after use; h = s at first sight."""
+
     name = "score_ema"
 
     def __init__(self, store_size: int, rank: int, world: int, momentum: float):
@@ -141,6 +144,7 @@ class _WeightSource(NoHistory):
 class SnapshotSource(_WeightSource):
     """Weights frozen when warm-up ends; h of a sample is computed the first time it is scored
     after warm-up and memoised in a store (the snapshot never changes: one forward per sample)."""
+
     name = "snapshot"
 
     def __init__(self, engine, store_size: int, rank: int, world: int):
@@ -173,6 +177,7 @@ class SnapshotSource(_WeightSource):
 class EmaSource(_WeightSource):
     """An exponential moving average of the weights, evaluated on every row every step: works
     when samples are never revisited, at the cost of a second forward."""
+
     name = "ema"
 
     def local_h(self, scorer, batch: dict, warm: bool) -> torch.Tensor | None:
@@ -184,8 +189,15 @@ class EmaSource(_WeightSource):
         self.weights.ema_update()  # every step, warm-up included: the EMA starts at step 0
 
 
-def make_source(name: str | None, engine, store_size: int, rank: int, world: int,
-                ema_momentum: float, score_momentum: float):
+def make_source(
+    name: str | None,
+    engine,
+    store_size: int,
+    rank: int,
+    world: int,
+    ema_momentum: float,
+    score_momentum: float,
+):
     """The source for selection.history (None: the method reads no history)."""
     if name is None:
         return NoHistory()

@@ -39,7 +39,9 @@ class ScoreStore:
     def _mine(self, uid_G: torch.Tensor) -> torch.Tensor:
         return uid_G % self.world == self.rank
 
-    def write(self, uid_G: torch.Tensor, val_G: torch.Tensor, only: torch.Tensor | None = None) -> None:
+    def write(
+        self, uid_G: torch.Tensor, val_G: torch.Tensor, only: torch.Tensor | None = None
+    ) -> None:
         """Owners store val for their uids (optionally only where ``only`` is True). No traffic."""
         uid_G = uid_G.cpu()
         self._check(uid_G)
@@ -63,8 +65,13 @@ class ScoreStore:
         return buf[0].float(), buf[1] > 0.5
 
     def state_dict(self) -> dict:
-        return {"size": self.size, "rank": self.rank, "world": self.world,
-                "value": self.value.clone(), "known": self.known.clone()}
+        return {
+            "size": self.size,
+            "rank": self.rank,
+            "world": self.world,
+            "value": self.value.clone(),
+            "known": self.known.clone(),
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         if (sd["size"], sd["world"], sd["rank"]) != (self.size, self.world, self.rank):

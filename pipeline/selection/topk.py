@@ -17,7 +17,9 @@ import torch
 from pipeline.collectives import all_to_all_rows
 
 
-def global_topk(key_G: torch.Tensor, tie_G: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+def global_topk(
+    key_G: torch.Tensor, tie_G: torch.Tensor, k: int, largest: bool = True
+) -> torch.Tensor:
     """Bool mask [G] of the k rows with the largest (or smallest) key; ties break by smaller tie_G.
 
     The selector passes a seeded random permutation as ``tie_G`` (the same on every rank), never
@@ -54,7 +56,7 @@ def plan_rebalance(kept_G: torch.Tensor, world: int, b: int) -> RebalancePlan:
     G = kept_G.numel()
     B = G // world
     assert B * world == G and int(kept_G.sum()) == world * b
-    per_rank = [torch.nonzero(kept_G[r * B:(r + 1) * B]).flatten() for r in range(world)]
+    per_rank = [torch.nonzero(kept_G[r * B : (r + 1) * B]).flatten() for r in range(world)]
     keep_local = [ix[:b] for ix in per_rank]
     surplus = [(r, ix[b:]) for r, ix in enumerate(per_rank) if len(ix) > b]
     need = [(r, b - len(ix)) for r, ix in enumerate(per_rank) if len(ix) < b]
@@ -66,7 +68,7 @@ def plan_rebalance(kept_G: torch.Tensor, world: int, b: int) -> RebalancePlan:
         while want > 0:
             src, ix = surplus[si]
             take = min(want, len(ix) - s_off)
-            send[src][dst] = torch.cat([send[src][dst], ix[s_off:s_off + take]])
+            send[src][dst] = torch.cat([send[src][dst], ix[s_off : s_off + take]])
             s_off += take
             want -= take
             moved += take
