@@ -39,8 +39,10 @@ $(FMNIST):
 data: $(STAMP) $(FMNIST)
 	$(BIN)/dissect-prep demo --out data/fmnist --noise 0.4
 
+# ruff's linter and its formatter, at the line length pyproject.toml states (CI runs this first).
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline data_prep benchmarks tests
+	$(BIN)/ruff format --check pipeline data_prep benchmarks tests
 
 # What `make demo` made: the venv (with the built comm op), the demo shards and the demo run.
 # (The Debian package dataset-fashion-mnist stays: `apt-get remove dataset-fashion-mnist`.)
