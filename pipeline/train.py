@@ -34,15 +34,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"dissect-train: config error: {err}", file=sys.stderr)
         return 2
+    from pipeline.dist import init_distributed
     from pipeline.selection.store import StoreRangeError
-    from pipeline.trainer import Trainer, TrainingError, validate_paths
+    from pipeline.trainer import Trainer, TrainingError, plan_run, validate_paths
 
     try:
         if args.check:
             validate_paths(cfg)
             print(f"config ok: run.dir={cfg.run.dir}")
             return 0
-        Trainer(cfg).train()
+        dist = init_distributed(cfg.deepspeed.timeout_s)
+        plan = plan_run(cfg, dist)
+        if plan.finished:  # a requeue or a re-run of a finished job: nothing is built
+            if dist.is_main:
+                print(
+                    f"{cfg.run.dir} already finished at step {plan.resume_step}; nothing to "
+                    f"train (its result: {cfg.run.dir}/eval.json)",
+                    file=sys.stderr,
+                )
+            return 0
+        Trainer(cfg, plan).train()
     except ConfigError as err:
         print(f"dissect-train: config error: {err}", file=sys.stderr)
         return 2

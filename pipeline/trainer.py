@@ -1,7 +1,7 @@
 """The training loop: load super-batch -> select -> step -> log -> evaluate -> checkpoint.
 
-    trainer = Trainer(cfg)
-    trainer.train()
+    plan = plan_run(cfg, init_distributed(cfg.deepspeed.timeout_s))
+    result = plan.stored_result if plan.finished else Trainer(cfg, plan).train()
 
 All ranks run the same loop (same step count per epoch, same collectives); rank 0 writes the
 run directory: config.yaml, ds_config.json, metrics.jsonl, tb/, checkpoints/, selection/,
@@ -15,6 +15,7 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -168,19 +169,62 @@ class StepRunner:
         return metrics
 
 
-class Trainer:
-    """All ranks build one and call ``train()``; see the module docstring.
+@dataclass(frozen=True)
+class RunPlan:
+    """What every rank of the job agrees on before anything is built.
 
-    The job decides once where it starts: rank 0 resolves ``checkpoint.resume`` and broadcasts
-    the tag, so ranks starting a moment apart (while another rank rewrites a checkpoint) can
-    never disagree. A run whose checkpoint is already at its last step and which has written its
-    result is not rebuilt: ``train()`` returns the stored result at once.
+    One resume decision per job: rank 0 resolves ``checkpoint.resume`` and broadcasts it, so
+    ranks starting a moment apart (while another rewrites a checkpoint) can never disagree.
     """
 
-    def __init__(self, cfg: Config):
+    urls: list[str]  # the train shards
+    samples: int  # per epoch
+    steps_per_epoch: int
+    total_steps: int
+    resume_from: tuple[Path, str] | None  # (checkpoints dir, tag), or None: a fresh start
+    stored_result: dict | None  # eval.json of a run already at its last step, else None
+
+    @property
+    def resume_step(self) -> int | None:
+        return ckpt.step_of(self.resume_from[1]) if self.resume_from else None
+
+    @property
+    def finished(self) -> bool:
+        return self.stored_result is not None
+
+
+def plan_run(cfg: Config, dist: DistInfo) -> RunPlan:
+    """Epoch geometry (every rank loads B = b / r samples a step) and where the job starts."""
+    urls = validate_paths(cfg)
+    B, W = cfg.super_batch_size, dist.world_size
+    samples = cfg.data.samples_per_epoch or count_samples(urls)
+    steps_per_epoch = samples // (W * B)
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"an epoch of {samples} samples is less than one global super-batch "
+            f"({W} ranks x {B}); lower data.batch_size or raise selection.ratio"
+        )
+    total = math.ceil(cfg.optim.epochs * steps_per_epoch)
+    total_steps = min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
+    run_dir = Path(cfg.run.dir)
+    where = ckpt.resolve(cfg.checkpoint.resume, run_dir / "checkpoints") if dist.is_main else None
+    where = broadcast_object(where)
+    # a run whose last checkpoint is its last step and that wrote its result is not rebuilt
+    step = ckpt.step_of(where[1]) if where else None
+    result, weights = run_dir / "eval.json", run_dir / "model.pt"
+    stored = None
+    if step is not None and step >= total_steps and result.is_file() and weights.is_file():
+        stored = json.loads(result.read_text())
+    return RunPlan(urls, samples, steps_per_epoch, total_steps, where, stored)
+
+
+class Trainer:
+    """All ranks build one from the agreed plan and call ``train()``; see the module docstring."""
+
+    def __init__(self, cfg: Config, plan: RunPlan):
+        assert not plan.finished, "a finished run has nothing to train (plan.stored_result)"
         self.cfg = cfg
-        urls = validate_paths(cfg)
-        self.dist = init_distributed(cfg.deepspeed.timeout_s)
+        self.dist = init_distributed(cfg.deepspeed.timeout_s)  # the group plan_run joined
         d, W = self.dist, self.dist.world_size
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -188,24 +232,11 @@ class Trainer:
         self._last_progress = 0.0  # when _progress_line last printed
         self._bar = None  # rank 0's tqdm bar on a terminal, from the start of train()
         self.start_step = 0  # the step this process started training at (resume)
-
-        # epoch geometry: every rank loads B = b / r samples per step
         self.B = cfg.super_batch_size
-        samples = cfg.data.samples_per_epoch or count_samples(urls)
-        self.steps_per_epoch = samples // (W * self.B)
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"an epoch of {samples} samples is less than one global super-batch "
-                f"({W} ranks x {self.B}); lower data.batch_size or raise selection.ratio"
-            )
-        total = math.ceil(cfg.optim.epochs * self.steps_per_epoch)
-        self.total_steps = min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
-        self.resume_from = self._agree_on_resume()
-        self.saved_step = ckpt.step_of(self.resume_from[1]) if self.resume_from else None
-        self.done = self._stored_result()
+        self.steps_per_epoch, self.total_steps = plan.steps_per_epoch, plan.total_steps
+        self.saved_step = plan.resume_step  # a complete checkpoint at this step exists
         self.state = TrainState()
-        if self.done is not None:  # nothing to train: no model, engine or loader is built
-            return
+        urls, samples = plan.urls, plan.samples
 
         seed_everything(cfg.run.seed)  # same model init on every rank
         self.bundle = build_model(cfg.model.name, seed=cfg.run.seed)
@@ -236,25 +267,10 @@ class Trainer:
             write_ds_config(self.engine, self.run_dir / "ds_config.json")
         barrier()
         self.sink = make_sink(self.run_dir, d.is_main, cfg.log.tensorboard)
-        if self.resume_from is not None:
-            self._resume(self.resume_from)
+        if plan.resume_from is not None:
+            self._resume(plan.resume_from)
 
     # --- resume / checkpoint ------------------------------------------------------------------------
-
-    def _agree_on_resume(self) -> tuple[Path, str] | None:
-        """Rank 0's reading of ``checkpoint.resume``, the same on every rank."""
-        where = (
-            ckpt.resolve(self.cfg.checkpoint.resume, self.ckpt_dir) if self.dist.is_main else None
-        )
-        return broadcast_object(where)
-
-    def _stored_result(self) -> dict | None:
-        """eval.json of a run that already reached its last step (checkpoint and result written)."""
-        result = self.run_dir / "eval.json"
-        done = self.saved_step is not None and self.saved_step >= self.total_steps
-        if not (done and result.is_file() and (self.run_dir / "model.pt").is_file()):
-            return None
-        return json.loads(result.read_text())
 
     def _warn_if_warmup_covers_the_run(self) -> None:
         sel = self.selector
@@ -331,12 +347,6 @@ class Trainer:
 
     def train(self) -> dict:
         """Every remaining step, then the final evaluation, checkpoint and weights."""
-        if self.done is not None:
-            self._print(
-                f"{self.run_dir} already finished at step {self.saved_step}; nothing to train "
-                f"(its result: {self.run_dir / 'eval.json'})"
-            )
-            return self.done
         self._t_start = time.time()
         self._bar = self._progress_bar()
         self.engine.train()
@@ -355,9 +365,8 @@ class Trainer:
         """One step on every rank: load -> select -> forward/loss -> backward/step -> log/eval/save."""
         cfg, s, W = self.cfg, self.state, self.dist.world_size
         self._account_data(batch)  # load: the data position, skipped samples summed over ranks
-        metrics = self.stepper.step(
-            batch, s.step, s.epoch
-        )  # select -> forward/loss -> backward/step
+        # select -> forward/loss -> backward/step
+        metrics = self.stepper.step(batch, s.step, s.epoch)
         trained = "train/skipped_nonfinite" not in metrics
         s.advance(seen=W * self.B, trained=W * cfg.data.batch_size if trained else 0)
         if s.bad_steps >= cfg.optim.max_bad_steps:
