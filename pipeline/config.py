@@ -177,6 +177,11 @@ class SelectionConfig:
     grid_every_steps: int = 0  # image grid of the most-rejected pairs in TensorBoard; 0: off
     balance: str = "none"  # none | clusters: each caption cluster keeps its share of the kept set
     clusters: int = 16  # balance=clusters: K online k-means centroids of text features
+    # the scoring forward only (current and historical model; training is untouched):
+    score_patch_dropout: float = 0.0  # share of image patches dropped per image (FLIP)
+    score_image_size: int = 0  # score at this image size (position embeddings interpolated)
+    score_trim_tokens: bool = True  # text cut at the chunk's longest caption (exact)
+    score_lean: bool = True  # call the towers directly under inference mode (ZeRO 0-2)
 
     def __post_init__(self):
         _check(
@@ -230,6 +235,18 @@ class SelectionConfig:
             self.balance,
         )
         _check(self.clusters >= 1, "selection.clusters", "a positive integer", self.clusters)
+        _check(
+            0 <= self.score_patch_dropout < 1,
+            "selection.score_patch_dropout",
+            "in [0, 1)",
+            self.score_patch_dropout,
+        )
+        _check(
+            self.score_image_size >= 0,
+            "selection.score_image_size",
+            "a non-negative integer (0: the model's size)",
+            self.score_image_size,
+        )
         _check(
             self.balance == "none" or self.method != "none",
             "selection.balance",

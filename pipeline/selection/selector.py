@@ -29,7 +29,7 @@ from pipeline.dist import DistInfo
 from pipeline.selection import diagnostics as diag
 from pipeline.selection.balance import ClusterBalance, balanced_topk, cluster_quotas, cluster_stats
 from pipeline.selection.methods import METHODS, ScoreInputs, correlation
-from pipeline.selection.scoring import Scorer, sync
+from pipeline.selection.scoring import ScoreOptions, Scorer, sync
 from pipeline.selection.sources import Gathered, make_source
 from pipeline.selection.topk import apply_rebalance, global_topk, plan_rebalance, tie_draw
 
@@ -76,7 +76,13 @@ class Selector:
             sc.ema_momentum,
             sc.score_momentum,
         )
-        self.scorer = Scorer(engine, sc.score_chunk, cfg.deepspeed.precision)
+        options = ScoreOptions(
+            patch_dropout=sc.score_patch_dropout,
+            image_size=sc.score_image_size,
+            trim_tokens=sc.score_trim_tokens,
+            lean=sc.score_lean,
+        )
+        self.scorer = Scorer(engine, sc.score_chunk, cfg.deepspeed.precision, options)
         self.reporter = diag.SelectionReport(
             Path(cfg.run.dir) / "selection", dist.is_main, sc.log_samples, sc.grid_every_steps
         )
@@ -94,6 +100,7 @@ class Selector:
         self.source.begin(warm)
         t0 = time.perf_counter()
         self.scorer.take_seconds()
+        self.scorer.seed = self.cfg.run.seed * 1_000_003 + step  # patch-dropout draws
         scored, feats_B = self._score(batch, warm)
         g = self._gather(batch, scored, feats_B, self.source.local_h(self.scorer, batch, warm))
         g.h = self.source.gathered_h(self.scorer, batch, g, warm)
