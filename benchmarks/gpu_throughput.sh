@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Real-size throughput on one GPU: ViT-B/32, bf16, b=256 per GPU, with and without selection.
-# Writes results/throughput_*.{json,md} (or under $OUT when set). Usage: benchmarks/gpu_throughput.sh
+# Real-size costs on one GPU, in one go (under 8 minutes; each step has its own time limit):
+#   1. throughput: ViT-B/32, bf16, b=256 per GPU, with and without selection (r = 0.2, 0.5)
+#   2. scoring options inside the step (current and EMA history), with short captions
+#   3. the scoring forward alone, per option (benchmarks.scoring --cost-only)
+#   4. loader rates per worker on this host's CPUs (benchmarks.loader, 256-px JPEG)
+# Writes results/*.{json,md} (or under $OUT when set). Usage: benchmarks/gpu_throughput.sh
 set -uo pipefail
 out=${OUT:-results}
 mkdir -p "$out"
@@ -9,7 +13,21 @@ py=${PYTHON:-python3}
 nvidia-smi -L || true
 $py -c "import torch, deepspeed, open_clip; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'open_clip', open_clip.__version__)"
 common=(--model ViT-B-32 --batch 256 --precision bf16 --steps 15 --warmup 5 --score-chunk 1280)
-timeout 300 $py -m benchmarks.throughput "${common[@]}" --ratio 0.2 \
+t0=$SECONDS
+timeout 120 $py -m benchmarks.throughput "${common[@]}" --ratio 0.2 \
   --methods none@b,none@B,random,clipscore,dissect:memory,dissect:ema --out "$out/throughput_vitb32_r0.2.json"
-timeout 150 $py -m benchmarks.throughput "${common[@]}" --ratio 0.5 \
+echo "[gpu] step 1a done at $((SECONDS - t0)) s"
+timeout 75 $py -m benchmarks.throughput "${common[@]}" --ratio 0.5 \
   --methods none@B,dissect:memory,dissect:ema --out "$out/throughput_vitb32_r0.5.json"
+echo "[gpu] step 1b done at $((SECONDS - t0)) s"
+# 16-word captions (the synthetic default fills all 77 positions, which trimming cannot cut)
+timeout 130 $py -m benchmarks.throughput "${common[@]}" --ratio 0.2 --caption-len 16 \
+  --methods dissect:memory~engine,dissect:memory,dissect:memory~pd0.5,dissect:memory~size0.75,dissect:ema~engine,dissect:ema,dissect:ema~pd0.5,dissect:ema~pd0.5~size0.75 \
+  --out "$out/throughput_vitb32_r0.2_scoring.json"
+echo "[gpu] step 2 done at $((SECONDS - t0)) s"
+timeout 45 $py -m benchmarks.scoring --cost-only --device cuda --cost-models ViT-B-32 \
+  --cost-batch 1280 --chunk 1280 --reps 10 \
+  --settings engine,lean,full,pd0.25,pd0.5,size0.75,size0.5,pd0.5+size0.75 --out "$out/scoring_cost"
+echo "[gpu] step 3 done at $((SECONDS - t0)) s"
+timeout 60 $py -m benchmarks.loader --models ViT-B-32 --n 1000 --reps 2 --out "$out/loader"
+echo "[gpu] step 4 done at $((SECONDS - t0)) s"

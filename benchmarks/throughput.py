@@ -32,10 +32,18 @@ from pipeline.model import build_model
 from pipeline.trainer import StepRunner
 
 
-def make_batch(n: int, image_size: int, ctx: int, uid0: int, device, gen) -> dict:
+def make_batch(
+    n: int, image_size: int, ctx: int, uid0: int, device, gen, caption_len: int = 0
+) -> dict:
+    """Random images and tokens; ``caption_len`` > 0: SOT, that many word tokens, EOT, padding
+    (what the tokenizer gives for a short caption), else every position a random token."""
+    tokens = torch.randint(1, 49000, (n, ctx), generator=gen)
+    if 0 < caption_len < ctx - 1:
+        tokens[:, 0], tokens[:, caption_len + 1] = 49406, 49407
+        tokens[:, caption_len + 2 :] = 0
     return {
         "images": torch.randn(n, 3, image_size, image_size, generator=gen).to(device),
-        "tokens": torch.randint(1, 49000, (n, ctx), generator=gen).to(device),
+        "tokens": tokens.to(device),
         "uid": torch.arange(uid0, uid0 + n, dtype=torch.int64),
         "label": torch.full((n,), -1, dtype=torch.int64),
         "noisy": torch.zeros(n, dtype=torch.bool),
@@ -43,12 +51,30 @@ def make_batch(n: int, image_size: int, ctx: int, uid0: int, device, gen) -> dic
     }
 
 
+def score_overrides(setting: str, model_name: str) -> dict:
+    """'pd0.5~size0.75' (benchmarks.scoring's settings, '~'-joined) -> selection.score_* keys."""
+    if not setting:
+        return {}
+    from benchmarks.scoring import parse_setting
+
+    opts = parse_setting(setting.replace("~", "+"), build_model(model_name).model)
+    return {
+        "score_patch_dropout": opts.patch_dropout,
+        "score_image_size": opts.image_size,
+        "score_trim_tokens": opts.trim_tokens,
+        "score_lean": opts.lean,
+    }
+
+
 def bench_method(method: str, args: argparse.Namespace, dist: DistInfo) -> dict:
+    """``method`` as in --methods, optionally ~setting[~setting] (scoring options, e.g.
+    dissect:ema~pd0.5~size0.75; see benchmarks.scoring)."""
     b, r = args.batch, args.ratio
     B = int(round(b / r))
-    sel, history = (method.split(":") + ["memory"])[:2]
+    base_method, _, setting = method.partition("~")
+    sel, history = (base_method.split(":") + ["memory"])[:2]
     if sel.startswith("none"):
-        train_b = B if method == "none@B" else b
+        train_b = B if base_method == "none@B" else b
         sel_cfg = {"method": "none"}
     else:
         train_b = b
@@ -59,6 +85,7 @@ def bench_method(method: str, args: argparse.Namespace, dist: DistInfo) -> dict:
             "warmup_steps": args.warmup,
             "score_chunk": args.score_chunk,
             "log_samples": False,
+            **score_overrides(setting, args.model),
         }
     cfg = config_from_dict(
         {
@@ -81,7 +108,15 @@ def bench_method(method: str, args: argparse.Namespace, dist: DistInfo) -> dict:
     runner = StepRunner(cfg, dist, bundle.model, total, store_size=pool, steps_per_epoch=total)
     gen = torch.Generator().manual_seed(dist.rank)
     batches = [
-        make_batch(loaded, image_size, bundle.context_length, 0, runner.engine.device, gen)
+        make_batch(
+            loaded,
+            image_size,
+            bundle.context_length,
+            0,
+            runner.engine.device,
+            gen,
+            args.caption_len,
+        )
         for _ in range(2)
     ]
     times, parts = [], {}
@@ -137,7 +172,7 @@ def report(results: list[dict], ratio: float) -> str:
             rel = (
                 f"{(r['step_s'] / r['loaded_batch']) / (full['step_s'] / full['loaded_batch']):.3f}"
             )
-        pred = model.get(r["method"])
+        pred = model.get(r["method"].partition("~")[0])
         lines.append(
             f"| {r['method']} | {r['loaded_batch']} | {r['train_batch']} | {r['step_s']:.4f} | "
             f"{r['scored_per_s']:.0f} | {r['trained_per_s']:.0f} | {rel} | "
@@ -158,6 +193,12 @@ def main(argv=None) -> int:
         "--warmup", type=int, default=3, help="untimed steps per method (selection warm-up)"
     )
     ap.add_argument("--score-chunk", type=int, default=1024)
+    ap.add_argument(
+        "--caption-len",
+        type=int,
+        default=0,
+        help="word tokens per synthetic caption (0: every position a random token)",
+    )
     ap.add_argument("--methods", default="none@b,none@B,random,dissect:memory,dissect:ema")
     ap.add_argument("--out", default="results/throughput.json")
     args = ap.parse_args(argv)
