@@ -3,9 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export NO_ALBUMENTATIONS_UPDATE := 1
-export HF_HUB_OFFLINE := 1
-export TOKENIZERS_PARALLELISM := false
+# (Environment defaults such as HF_HUB_OFFLINE live in pipeline/_env.py, set by every entry point.)
 
 .PHONY: setup test demo data lint bench clean
 

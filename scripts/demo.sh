@@ -3,7 +3,6 @@
 # evaluate, print a short table. Re-running reuses the shards and a finished run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 BIN=.venv/bin
 RUN=runs/demo
 
