@@ -7,10 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup test demo data lint bench clean
 
+# -qq: errors only. (pip's warnings here are about the machine's pip configuration, e.g. a
+# find-links folder that does not exist, one line per package: about 110 lines, none ours.)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -qq --upgrade pip
+	$(BIN)/pip install -qq -e '.[dev]'
 	touch $(STAMP)
 
 # DeepSpeed JIT-compiles a CPU comm op on first use (into .venv/torch_extensions, or
