@@ -21,7 +21,7 @@ setup: $(STAMP)
 	@$(BIN)/python -c 'import pipeline.engine as e; e.build_ops()'
 
 test: setup
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 demo: setup
 	./scripts/demo.sh
