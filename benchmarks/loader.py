@@ -14,7 +14,9 @@ Stages, per shard set and model (the model fixes the input size of the transform
     sample_train_draft   the same with draft: what the loader does now
     sample_val_draft     the deterministic transform instead (what scoring alone would need)
     stream          the whole per-worker stream (ShardStream, workers=0): tar, shuffle buffer,
-                    per-sample seeded augmentation, decode, collate, tokenize; with draft
+                    per-sample seeded augmentation, decode, collate, tokenize; with draft;
+                    steady state (timed from the first batch, which also fills the buffer)
+    stream_nodraft  the same without draft
 
 Photo shards (``photo``, written by this script when not given): 256x256 crops of
 scikit-learn's two sample photographs (china.jpg, flower.jpg) at random scales and offsets,
@@ -116,9 +118,13 @@ def stream_rate(urls, bundle, n: int, batch: int, draft: bool) -> float:
     spec = StreamSpec(
         urls, batch, bundle.preprocess_train, bundle.tokenizer, seed=0, jpeg_draft=draft
     )
-    steps = max(1, n // batch)
-    t0 = time.perf_counter()
-    got = sum(len(b["uid"]) for b in ShardStream(spec, EpochPlan(epoch=0, steps=steps)))
+    steps = max(2, n // batch)
+    got, t0 = 0, None
+    for b in ShardStream(spec, EpochPlan(epoch=0, steps=steps)):
+        if t0 is None:  # steady state: the first batch also fills the shuffle buffer
+            t0 = time.perf_counter()
+            continue
+        got += len(b["uid"])
     return got / (time.perf_counter() - t0)
 
 
