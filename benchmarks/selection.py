@@ -146,7 +146,8 @@ def run_method(
             stdout=f,
             stderr=subprocess.STDOUT,
             timeout=timeout,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            # the run dies with this process, however it dies (pipeline._env.die_with_parent)
+            env=dict(os.environ, PYTHONUNBUFFERED="1", DISSECT_DIE_WITH_PARENT="1"),
         )
     if proc.returncode != 0:
         raise SystemExit(f"[bench] {method} failed (exit {proc.returncode}); see {log}")

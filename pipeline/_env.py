@@ -57,9 +57,11 @@ def die_with_parent() -> None:
     group, does not reach the ranks: they would train on as orphans, writing the run directory
     beside a restarted job. ``PR_SET_PDEATHSIG`` fixes that at the source. The parent may already
     have died before the call; then our parent pid has changed and we exit at once. A plain
-    ``python -m pipeline.train`` (no RANK) is left alone: ``nohup`` runs must survive their shell.
+    ``python -m pipeline.train`` (no RANK) is left alone: ``nohup`` runs must survive their shell,
+    unless its parent asks for it with ``DISSECT_DIE_WITH_PARENT=1`` (the benchmarks do).
     """
-    if "RANK" not in os.environ or not sys.platform.startswith("linux"):
+    asked = os.environ.get("DISSECT_DIE_WITH_PARENT") == "1"
+    if not ("RANK" in os.environ or asked) or not sys.platform.startswith("linux"):
         return
     import ctypes
     import signal

@@ -348,3 +348,33 @@ def test_sigkill_between_checkpoints_then_resume_is_exact(noisy, tmp_path, stage
         )
         assert a[step]["lr"] == pytest.approx(b[step]["lr"], rel=1e-9)
     assert _kept(straight, resumed_at) == _kept(crashed, resumed_at)
+
+
+_PARENT = """
+import os, subprocess, sys
+child = subprocess.Popen(
+    [sys.executable, "-c", "from pipeline import _env; import time; _env.die_with_parent(); "
+     "print('armed', flush=True); time.sleep(60)"],
+    env=dict(os.environ, DISSECT_DIE_WITH_PARENT=sys.argv[1]), stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL, text=True)  # a survivor must not hold our output pipes open
+assert child.stdout.readline().strip() == "armed"
+print(child.pid, flush=True)
+os._exit(0)  # the parent dies without waiting, as a killed benchmark driver would
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("asked", ["1", "0"])
+def test_a_run_started_by_a_benchmark_dies_with_it(asked):
+    """DISSECT_DIE_WITH_PARENT=1 (what benchmarks.selection sets) arms the same kernel-side kill
+    for a plain run; without it a plain run survives its parent (nohup semantics)."""
+    p = subprocess.run(
+        [sys.executable, "-c", _PARENT, asked], capture_output=True, text=True, timeout=30, cwd=ROOT
+    )
+    child = psutil.Process(int(p.stdout.split()[-1]))
+    try:
+        gone, _ = psutil.wait_procs([child], timeout=10)
+        assert bool(gone) == (asked == "1")
+    finally:
+        if child.is_running():
+            child.kill()
