@@ -8,11 +8,16 @@ them into the engine's module (Engine.swapped_weights) and lets ZeRO gather as u
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # typing only: importing the engine imports deepspeed
+    from pipeline.engine import Engine
 
 
 class WeightHistory:
-    def __init__(self, engine, momentum: float = 0.0):
+    def __init__(self, engine: Engine, momentum: float = 0.0):
         self.engine = engine
         self.momentum = momentum
         self.shards: list[torch.Tensor] | None = None  # None until the first snapshot

@@ -35,6 +35,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,9 @@ import torch.nn.functional as F
 from pipeline.collectives import all_reduce_max
 from pipeline.config import ConfigError
 from pipeline.selection.methods import correlation
+
+if TYPE_CHECKING:  # typing only: importing the engine imports deepspeed
+    from pipeline.engine import Engine
 
 
 def sync(device: torch.device) -> None:
@@ -145,7 +149,9 @@ def chunk_lengths(tokens_NL: torch.Tensor, chunk: int, trim: bool) -> list[int]:
 
 
 class Scorer:
-    def __init__(self, engine, chunk: int, precision: str, options: ScoreOptions | None = None):
+    def __init__(
+        self, engine: Engine, chunk: int, precision: str, options: ScoreOptions | None = None
+    ):
         self.engine = engine
         self.chunk = chunk
         self.precision = precision

@@ -20,6 +20,7 @@ import json
 import tarfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +33,9 @@ from pipeline.selection.methods import METHODS, ScoreInputs, correlation
 from pipeline.selection.scoring import ScoreOptions, Scorer, sync
 from pipeline.selection.sources import Gathered, make_source
 from pipeline.selection.topk import apply_rebalance, global_topk, plan_rebalance, tie_draw
+
+if TYPE_CHECKING:  # typing only: importing the engine imports deepspeed
+    from pipeline.engine import Engine
 
 
 def shards_carry_noisy_flag(spec) -> bool:
@@ -46,7 +50,9 @@ def shards_carry_noisy_flag(spec) -> bool:
 
 
 class Selector:
-    def __init__(self, cfg: Config, engine, dist: DistInfo, store_size: int, steps_per_epoch: int):
+    def __init__(
+        self, cfg: Config, engine: Engine, dist: DistInfo, store_size: int, steps_per_epoch: int
+    ):
         sc = self.sc = cfg.selection
         self.cfg, self.engine, self.dist = cfg, engine, dist
         self.method = METHODS[sc.method]

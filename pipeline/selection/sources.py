@@ -19,12 +19,16 @@ points of a selection step, the same on every rank (some calls are collectives):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline.collectives import all_gather_cat
 from pipeline.selection.history import WeightHistory
 from pipeline.selection.store import ScoreStore
+
+if TYPE_CHECKING:  # typing only: importing the engine imports deepspeed
+    from pipeline.engine import Engine
 
 
 @dataclass
@@ -126,7 +130,7 @@ class ScoreEmaSource(_StoreSource):
 
 
 class _WeightSource(NoHistory):
-    def __init__(self, engine, momentum: float = 0.0):
+    def __init__(self, engine: Engine, momentum: float = 0.0):
         self.weights = WeightHistory(engine, momentum=momentum)
 
     def begin(self, warm: bool) -> None:
@@ -147,7 +151,7 @@ class SnapshotSource(_WeightSource):
 
     name = "snapshot"
 
-    def __init__(self, engine, store_size: int, rank: int, world: int):
+    def __init__(self, engine: Engine, store_size: int, rank: int, world: int):
         super().__init__(engine)
         self.store = ScoreStore(store_size, rank, world)
 
