@@ -166,7 +166,7 @@ class OptimConfig:
 class SelectionConfig:
     method: str = "none"
     ratio: float = 0.2  # r: train batch b out of a super-batch of b / r per rank
-    history: str = "memory"  # dissect only: memory | snapshot | ema | score_ema
+    history: str = "memory"  # dissect, dissect_z: memory | snapshot | ema | score_ema
     warmup_epochs: float = 0.0  # random r-fraction kept (memory store written) during warm-up
     warmup_steps: int = 0  # alternative to warmup_epochs; the larger of the two applies
     ema_momentum: float = 0.999  # history=ema: weight EMA momentum
