@@ -43,6 +43,7 @@ import webdataset as wds
 from PIL import Image
 
 import pipeline  # noqa: F401
+from benchmarks import markdown_table
 from pipeline.data import expand_shards
 from pipeline.data.loader import (
     EpochPlan,
@@ -175,15 +176,6 @@ def parse_rates(spec: str) -> list[tuple[str, float, float]]:
     return out
 
 
-def table(rows: list[dict], cols: list[str]) -> str:
-    def fmt(v):
-        return f"{v:.0f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -221,7 +213,7 @@ def main(argv=None) -> int:
     text = [
         f"`{cmd}` — started {started}, one process, one torch thread, samples/s per worker",
         "",
-        table(rows, cols),
+        markdown_table(rows, cols, float_fmt=".0f"),
     ]
     need = []
     for row in rows:
@@ -238,7 +230,13 @@ def main(argv=None) -> int:
                 }
             )
     text += ["", "Loader workers per GPU (ceil(loaded samples/s / stream rate per worker)):", ""]
-    text += [table(need, ["shards", "model", "setting", "loaded_per_s", "per_worker", "workers"])]
+    text += [
+        markdown_table(
+            need,
+            ["shards", "model", "setting", "loaded_per_s", "per_worker", "workers"],
+            float_fmt=".0f",
+        )
+    ]
     (out / "loader.json").write_text(
         json.dumps({"cmd": cmd, "started": started, "rows": rows, "workers": need}, indent=2)
     )

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 import pipeline  # noqa: F401
+from benchmarks import markdown_table
 from pipeline.data import expand_shards
 from pipeline.data.loader import EpochPlan, StreamSpec, make_eval_loader, make_loader
 from pipeline.model import build_model
@@ -209,15 +210,6 @@ def cost(args, settings, device) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], cols: list[str]) -> str:
-    def fmt(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", help="train shards with noisy flags (quality part)")
@@ -253,11 +245,21 @@ def main(argv=None) -> int:
         report["quality"] = q
         cols = ["setting", "image_size", "spearman_s", "spearman_dissect", "overlap_clip"]
         cols += ["overlap_dissect", "auc_s", "auc_dissect"]
-        text += ["", f"Quality ({args.model}, reference = {settings[0]}):", "", table(q, cols)]
+        text += [
+            "",
+            f"Quality ({args.model}, reference = {settings[0]}):",
+            "",
+            markdown_table(q, cols, float_fmt=".3f"),
+        ]
     c = cost(args, settings, device)
     report["cost"] = c
     cols = ["model", "setting", "image_size", "ms_per_sample", "cost_vs_first"]
-    text += ["", f"Scoring-forward cost (reference = {settings[0]}):", "", table(c, cols)]
+    text += [
+        "",
+        f"Scoring-forward cost (reference = {settings[0]}):",
+        "",
+        markdown_table(c, cols, float_fmt=".3f"),
+    ]
     (out / "scoring.json").write_text(json.dumps(report, indent=2))
     (out / "scoring.md").write_text("\n".join(text) + "\n")
     print("\n".join(text))
