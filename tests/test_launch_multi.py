@@ -48,6 +48,18 @@ def recorder(tmp_path):
     return make_recorder(tmp_path)
 
 
+def start_two_nodes(procs: list, logs: list, tmp_path, port: int, args: list, env=None) -> None:
+    """Two `multi_node.sh torchrun` "nodes" (one rank each) on this machine, static rendezvous at
+    127.0.0.1:``port``; appends to ``procs``/``logs`` as it goes, so a failed start is still
+    cleaned up by the caller's finally."""
+    for node in (0, 1):
+        logs.append(tmp_path / f"node{node}.log")
+        cmd = [LAUNCH / "multi_node.sh", "torchrun", "--nnodes", "2", "--nproc-per-node", "1",
+               "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+               CONFIG, *args]  # fmt: skip
+        procs.append(start(cmd, logs[-1], env=env))
+
+
 # ---------------------------------------------------------------------------------------------
 # real runs
 
@@ -66,29 +78,7 @@ def test_two_nodes_torchrun_static_rendezvous(shards, tmp_path):
     ]
     procs, logs = [], []
     try:
-        for node in (0, 1):
-            logs.append(tmp_path / f"node{node}.log")
-            procs.append(
-                start(
-                    [
-                        LAUNCH / "multi_node.sh",
-                        "torchrun",
-                        "--nnodes",
-                        "2",
-                        "--nproc-per-node",
-                        "1",
-                        "--node-rank",
-                        str(node),
-                        "--master-addr",
-                        "127.0.0.1",
-                        "--master-port",
-                        str(port),
-                        CONFIG,
-                        *args,
-                    ],
-                    logs[-1],
-                )
-            )
+        start_two_nodes(procs, logs, tmp_path, port, args)
         rcs = wait_all(procs, 150, logs)
     finally:
         kill_all(procs)
@@ -169,30 +159,7 @@ def test_killed_rank_ends_both_nodes_within_timeout(shards, tmp_path):
     ]
     procs, logs = [], []
     try:
-        for node in (0, 1):
-            logs.append(tmp_path / f"node{node}.log")
-            procs.append(
-                start(
-                    [
-                        LAUNCH / "multi_node.sh",
-                        "torchrun",
-                        "--nnodes",
-                        "2",
-                        "--nproc-per-node",
-                        "1",
-                        "--node-rank",
-                        str(node),
-                        "--master-addr",
-                        "127.0.0.1",
-                        "--master-port",
-                        str(port),
-                        CONFIG,
-                        *args,
-                    ],
-                    logs[-1],
-                    env=launch_env(DISSECT_CHECK="0"),
-                )
-            )
+        start_two_nodes(procs, logs, tmp_path, port, args, env=launch_env(DISSECT_CHECK="0"))
         metrics = run_dir / "metrics.jsonl"
         wait_for(
             lambda: metrics.is_file() and metrics.stat().st_size > 0,
