@@ -184,6 +184,8 @@ def summarize(method: str, rows: list[dict], metric: str, ratio: float) -> dict:
         "noise_auc": _mean([r.get("select/noise_auc") for r in after]),
         "kept_noisy_frac": _mean([r.get("select/kept_noisy_frac") for r in after]),
         "kept_label_entropy": _mean([r.get("select/kept_label_entropy") for r in after]),
+        # gated rules (filter_random): the share of logged post-warm-up steps that filtered
+        "filtering_frac": _mean([r.get("select/filtering") for r in after]),
         "step_s_per_loaded": step_s / loaded if loaded else float("nan"),
         "cost_model": cost_model(method, ratio),
         "_evals": [(r["time_s"], r["samples_trained"], r[metric]) for r in evals],
@@ -216,6 +218,7 @@ def write_report(results: list[dict], metric: str, out: Path, header: str) -> st
         "noise_auc",
         "kept_noisy_frac",
         "kept_label_entropy",
+        "filtering_frac",
         "step_cost_vs_none",
         "cost_model",
     ]
@@ -260,6 +263,8 @@ def write_report(results: list[dict], metric: str, out: Path, header: str) -> st
         "best_minus_oracle: best minus the oracle's best (the oracle keeps clean pairs first by "
         "ground truth, random among them: the ceiling of noise filtering here). noise_auc, "
         "kept_noisy_frac and kept_label_entropy are averaged over steps after selection warm-up. "
+        "filtering_frac: the share of those steps in which a gated rule (filter_random) saw a real "
+        "noise split and filtered (otherwise it kept a random share). "
         "step_cost_vs_none: measured step time per loaded sample relative to `none`; cost_model: "
         "DESIGN.md's prediction (forward = 1, backward = 2).",
     ]

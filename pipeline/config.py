@@ -177,6 +177,10 @@ class SelectionConfig:
     grid_every_steps: int = 0  # image grid of the most-rejected pairs in TensorBoard; 0: off
     balance: str = "none"  # none | clusters: each caption cluster keeps its share of the kept set
     clusters: int = 16  # balance=clusters: K online k-means centroids of text features
+    # filter_random filters only while the loss mixture's running separation (Ashman's D)
+    # exceeds split_min_d (0: always); the running mean has momentum split_momentum
+    split_min_d: float = 2.5
+    split_momentum: float = 0.9
     # the scoring forward only (current and historical model; training is untouched):
     score_patch_dropout: float = 0.0  # share of image patches dropped per image (FLIP)
     score_image_size: int = 0  # score at this image size (position embeddings interpolated)
@@ -235,6 +239,18 @@ class SelectionConfig:
             self.balance,
         )
         _check(self.clusters >= 1, "selection.clusters", "a positive integer", self.clusters)
+        _check(
+            self.split_min_d >= 0,
+            "selection.split_min_d",
+            "a non-negative number (0: always filter)",
+            self.split_min_d,
+        )
+        _check(
+            0 <= self.split_momentum < 1,
+            "selection.split_momentum",
+            "in [0, 1)",
+            self.split_momentum,
+        )
         _check(
             0 <= self.score_patch_dropout < 1,
             "selection.score_patch_dropout",

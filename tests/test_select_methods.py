@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from pipeline.selection.methods import (
     METHODS,
     ScoreInputs,
-    clean_posterior,
+    SplitGate,
     differential,
+    fit_mixture,
     standardise,
 )
 
@@ -24,6 +25,7 @@ def _inputs(G=24, seed=0, **over):
         rand_G=torch.rand(G, generator=gen),
         history="memory",
         cluster_G=torch.arange(G) % 3,
+        gate=SplitGate(min_d=0.0, momentum=0.9),
     )
     base.update(over)
     return ScoreInputs(**base)
@@ -67,13 +69,29 @@ def test_standardise_within_groups():
     assert z[4] == 0  # a group without spread is neutral
 
 
-def test_clean_posterior_splits_a_two_mode_loss():
+def test_mixture_splits_a_two_mode_loss_and_measures_the_gap():
     gen = torch.Generator().manual_seed(0)
     clean = torch.randn(300, generator=gen) * 0.3 - 1.0
     noisy = torch.randn(200, generator=gen) * 0.3 + 1.5
-    p = clean_posterior(torch.cat([clean, noisy]))
-    assert (p[:300] > 0.5).float().mean() > 0.97
-    assert (p[300:] < 0.5).float().mean() > 0.97
+    mix = fit_mixture(torch.cat([clean, noisy]))
+    assert (mix.clean_G[:300] > 0.5).float().mean() > 0.97
+    assert (mix.clean_G[300:] < 0.5).float().mean() > 0.97
+    assert 7 < mix.separation < 10  # 2.5 / 0.3
+    # one mode (skewed, like a clean loss distribution): the fit still splits, but not far apart
+    one = torch.distributions.Gamma(4.0, 1.0).sample((500,))
+    assert fit_mixture(one).separation < 2.5
+
+
+def test_split_gate_follows_the_running_separation():
+    gate = SplitGate(min_d=2.5, momentum=0.5)
+    assert not gate.is_open and gate.stats() == {}
+    assert gate.observe(4.0)  # starts at the first value
+    assert gate.observe(2.0)  # 3.0: one low batch does not close it
+    assert not gate.observe(1.0)  # 2.0
+    assert gate.stats() == {"select/split_d": 2.0, "select/filtering": 0.0}
+    again = SplitGate(min_d=2.5, momentum=0.5)
+    again.load_state_dict(gate.state_dict())
+    assert again.observe(5.0) == gate.observe(5.0) and again.d == gate.d == 3.5
 
 
 def test_filter_random_keeps_likely_clean_at_random():
@@ -87,13 +105,44 @@ def test_filter_random_keeps_likely_clean_at_random():
     keys = []
     for seed in range(2):
         rand = torch.rand(G, generator=torch.Generator().manual_seed(seed))
+        gate = SplitGate(min_d=2.5, momentum=0.9)
         key = METHODS["filter_random"].score(
-            ScoreInputs(feats=(img, txt, torch.tensor(20.0)), rand_G=rand, cluster_G=None)
+            ScoreInputs(
+                feats=(img, txt, torch.tensor(20.0)), rand_G=rand, cluster_G=None, gate=gate
+            )
         )
+        assert gate.is_open
         top = torch.argsort(key, descending=True)[:20]
         assert not noisy[top].any()
         keys.append(set(top.tolist()))
     assert keys[0] != keys[1]  # random among the likely-clean, not the smallest losses
+
+
+def test_filter_random_is_random_selection_without_noise():
+    # every pair clean (text near its image, spread of difficulty): no well-separated split,
+    # so the gate stays shut and the key is the random draw itself, hard pairs included
+    G = 128
+    gen = torch.Generator().manual_seed(5)
+    img = F.normalize(torch.randn(G, 16, generator=gen), dim=-1)
+    noise = torch.rand(G, 1, generator=gen) * torch.randn(G, 16, generator=gen)
+    txt = F.normalize(img + 0.2 * noise, dim=-1)
+    rand = torch.rand(G, generator=gen)
+    gate = SplitGate(min_d=2.5, momentum=0.9)
+    key = METHODS["filter_random"].score(
+        ScoreInputs(feats=(img, txt, torch.tensor(20.0)), rand_G=rand, cluster_G=None, gate=gate)
+    )
+    assert gate.d is not None and not gate.is_open
+    assert torch.equal(key.float(), rand)
+    # the same pairs with a quarter of the captions swapped: the gate opens
+    swapped = txt.clone()
+    swapped[: G // 4] = txt[G // 4 : G // 2]  # each a caption of another image
+    gate = SplitGate(min_d=2.5, momentum=0.9)
+    METHODS["filter_random"].score(
+        ScoreInputs(
+            feats=(img, swapped, torch.tensor(20.0)), rand_G=rand, cluster_G=None, gate=gate
+        )
+    )
+    assert gate.is_open, gate.d
 
 
 @pytest.mark.parametrize("name", ["dissect", "dissect_z"])

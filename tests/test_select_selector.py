@@ -249,6 +249,7 @@ def test_warmup_boundary_of_every_source(tmp_path):
         {"method": "dissect", "history": "ema"},
         {"method": "dissect", "history": "score_ema"},
         {"method": "clipscore", "balance": "clusters", "clusters": 3},
+        {"method": "filter_random", "split_momentum": 0.5},  # the gate's running separation
     ],
 )
 def test_resume_from_state_dict_is_exact(tmp_path, sel):

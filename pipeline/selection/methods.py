@@ -8,6 +8,7 @@ A new method is one small function here and one line in METHODS. Inputs (G gathe
     cluster_G  caption cluster of each row (selection.balance=clusters), else None
     noisy_G    ground-truth noisy flag, given only to a method with needs_truth (the oracle):
                no selection rule may read it, nor the labels
+    gate       the run's SplitGate, given to a method with gated=True (state kept across steps)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class ScoreInputs:
     history: str = "memory"
     cluster_G: torch.Tensor | None = None
     noisy_G: torch.Tensor | None = None
+    gate: SplitGate | None = None  # methods with gated=True
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Method:
     needs_feats: bool = False
     needs_h: bool = False  # reads a historical source (selection.history)
     needs_truth: bool = False  # reads the ground-truth noisy flag: benchmarks only
+    gated: bool = False  # filters only while a SplitGate says the noise split is real
 
 
 def correlation(img_ND: torch.Tensor, txt_ND: torch.Tensor) -> torch.Tensor:
@@ -95,9 +98,17 @@ def standardise(x_G: torch.Tensor, group_G: torch.Tensor | None = None) -> torch
     return torch.where(std > 1e-9, z, torch.zeros_like(z))
 
 
-def clean_posterior(z_G: torch.Tensor, iters: int = 30) -> torch.Tensor:
-    """P(low-loss component) of each row under a two-component 1-D Gaussian mixture fitted by EM
-    (started at the quartiles), as NCR / DivideMix split clean from noisy pairs by loss. [G]"""
+@dataclass
+class Mixture:
+    """A two-component 1-D Gaussian mixture fitted to per-sample values."""
+
+    clean_G: torch.Tensor  # P(low component) of each row
+    separation: float  # Ashman's D: |mu_1 - mu_2| / sqrt((var_1 + var_2) / 2)
+
+
+def fit_mixture(z_G: torch.Tensor, iters: int = 30) -> Mixture:
+    """Two-component mixture fitted by EM (started at the quartiles), as NCR / DivideMix split
+    clean from noisy pairs by loss; the low-mean component is the clean one."""
     z = z_G.double()
     mu = torch.quantile(z, torch.tensor([0.25, 0.75], dtype=torch.float64))
     var = torch.full((2,), float(z.var().clamp_min(1e-6)) / 4, dtype=torch.float64)
@@ -109,8 +120,45 @@ def clean_posterior(z_G: torch.Tensor, iters: int = 30) -> torch.Tensor:
         pi = (nk / nk.sum()).clamp_min(1e-6)
         mu = (resp * z[:, None]).sum(0) / nk
         var = ((resp * (z[:, None] - mu) ** 2).sum(0) / nk).clamp_min(1e-6)
-    low = int(torch.argmin(mu))
-    return resp[:, low]
+    separation = float((mu[0] - mu[1]).abs() / ((var[0] + var[1]) / 2).sqrt())
+    return Mixture(resp[:, int(torch.argmin(mu))], separation)
+
+
+class SplitGate:
+    """Whether there is noise to filter: are the loss mixture's two components well separated?
+
+    A two-component fit splits any sample, noisy or clean, so a filter that always believes it
+    drops the hardest clean pairs when there is no noise (measured: -3.5 points on clean data).
+    Ashman's D says how far apart the fitted components are (D > 2 is the textbook bound for a
+    clean split). One super-batch's D is noisy and biased up in small batches, so the gate
+    follows its running mean (momentum m, started at the first value) and opens above min_d.
+    Measured with tiny-vit on Fashion-MNIST (super-batches of 128, 16 clusters): D 1.4-2.0 on
+    clean pairs, 2.7-4.5 with 40% swapped captions, from the end of a 3-epoch warm-up on.
+    The same on every rank: D comes from the gathered super-batch. min_d = 0 always filters.
+    """
+
+    def __init__(self, min_d: float, momentum: float):
+        self.min_d, self.momentum = min_d, momentum
+        self.d: float | None = None
+
+    def observe(self, d: float) -> bool:
+        self.d = d if self.d is None else self.momentum * self.d + (1 - self.momentum) * d
+        return self.is_open
+
+    @property
+    def is_open(self) -> bool:
+        return self.d is not None and self.d > self.min_d
+
+    def stats(self) -> dict[str, float]:
+        if self.d is None:
+            return {}
+        return {"select/split_d": self.d, "select/filtering": float(self.is_open)}
+
+    def state_dict(self) -> dict:
+        return {"d": self.d}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.d = sd["d"]
 
 
 def _oracle(x: ScoreInputs) -> torch.Tensor:
@@ -129,9 +177,12 @@ def _filter_random(x: ScoreInputs) -> torch.Tensor:
     # Loss standardised within each caption cluster, so an easy concept's pairs are not all
     # called clean and a hard concept's all noisy; then random among the likely-clean, which
     # keeps the class mix and does not favour the already-learned easy pairs as small_loss does.
+    # Only when the split is real (SplitGate): on clean data this is random selection.
     z = standardise(per_sample_clip_loss(*x.feats), x.cluster_G)
-    clean = clean_posterior(z) > 0.5
-    return clean.double() + x.rand_G.double()
+    mix = fit_mixture(z)
+    if not x.gate.observe(mix.separation):
+        return x.rand_G.double()
+    return (mix.clean_G > 0.5).double() + x.rand_G.double()
 
 
 METHODS: dict[str, Method] = {
@@ -141,6 +192,6 @@ METHODS: dict[str, Method] = {
     "big_loss": Method(_loss, largest=True, needs_feats=True),
     "dissect": Method(_dissect, largest=True, needs_s=True, needs_h=True),
     "dissect_z": Method(_dissect_z, largest=True, needs_s=True, needs_h=True),
-    "filter_random": Method(_filter_random, largest=True, needs_feats=True),
+    "filter_random": Method(_filter_random, largest=True, needs_feats=True, gated=True),
     "oracle": Method(_oracle, largest=True, needs_truth=True),
 }

@@ -29,7 +29,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.dist import DistInfo
 from pipeline.selection import diagnostics as diag
 from pipeline.selection.balance import ClusterBalance, balanced_topk, cluster_quotas, cluster_stats
-from pipeline.selection.methods import METHODS, ScoreInputs, correlation
+from pipeline.selection.methods import METHODS, ScoreInputs, SplitGate, correlation
 from pipeline.selection.scoring import ScoreOptions, Scorer, sync
 from pipeline.selection.sources import Gathered, make_source
 from pipeline.selection.topk import apply_rebalance, global_topk, plan_rebalance, tie_draw
@@ -73,6 +73,7 @@ class Selector:
         self.balance = (
             ClusterBalance(sc.clusters, cfg.run.seed) if sc.balance == "clusters" else None
         )
+        self.gate = SplitGate(sc.split_min_d, sc.split_momentum) if self.method.gated else None
         self.source = make_source(
             sc.history if self.method.needs_h else None,
             engine,
@@ -133,6 +134,8 @@ class Selector:
         }
         if cluster_G is not None:
             stats.update(cluster_stats(cluster_G, kept_G, self.sc.clusters))
+        if self.gate is not None and not warm:
+            stats.update(self.gate.stats())
         self.reporter.record(step, epoch, g, key_G, kept_G, largest, warm, batch, cluster_G)
         return train, stats
 
@@ -196,6 +199,7 @@ class Selector:
             history=self.source.name,
             cluster_G=cluster_G,
             noisy_G=g.noisy if m.needs_truth else None,
+            gate=self.gate,
         )
         return m.score(inputs).cpu(), m.largest, cluster_G
 
@@ -213,9 +217,12 @@ class Selector:
     def state_dict(self) -> dict:
         sd = {"store": None, "weights": None, **self.source.state_dict()}
         sd["balance"] = self.balance.state_dict() if self.balance is not None else None
+        sd["gate"] = self.gate.state_dict() if self.gate is not None else None
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
         self.source.load_state_dict(sd)
         if self.balance is not None and sd.get("balance") is not None:
             self.balance.load_state_dict(sd["balance"])
+        if self.gate is not None and sd.get("gate") is not None:
+            self.gate.load_state_dict(sd["gate"])
