@@ -12,7 +12,8 @@ A bench config is YAML with:
               ceiling of noise filtering (clean pairs first by ground truth) and needs noisy flags
     metric:   the primary metric key, e.g. eval/zeroshot_top1 or eval/ret_i2t_r1
     quick:    overrides (key: value) for --quick, a setting that finishes in minutes on 2 cores
-    prepare:  the dissect-prep command that builds the shards (run when data.train is missing)
+    prepare:  the command that builds the shards, `dissect-prep ...` or `python -m ...` (run when
+              data.train is missing)
 
 Each method is one real training run (`python -m pipeline.train`, or torchrun with --nproc),
 sequential in one invocation. Outputs in --out: runs/<method>/ (full run directories),
@@ -327,9 +328,9 @@ def run_bench(config: Path, out: Path, args, cmd: str) -> str:
     )
     if prepare and not (ROOT / str(train_spec).split("{")[0]).exists():
         print(f"[bench] building the dataset: {prepare}", file=sys.stderr)
-        subprocess.run(
-            [sys.executable, "-m", "data_prep.cli", *shlex.split(prepare)[1:]], cwd=ROOT, check=True
-        )
+        argv = shlex.split(prepare)  # `dissect-prep ...` or `python -m module ...`
+        head = ["-m", "data_prep.cli"] if argv[0] == "dissect-prep" else []
+        subprocess.run([sys.executable, *head, *argv[1:]], cwd=ROOT, check=True)
     methods = args.methods.split(",") if args.methods else spec["methods"]
     effective = merge(base, quick)
     ratio = float(effective.get("selection", {}).get("ratio", 0.2))

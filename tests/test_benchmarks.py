@@ -94,7 +94,7 @@ def test_throughput_benchmark_cpu(tmp_path):
                 "--warmup",
                 "1",
                 "--methods",
-                "none@B,dissect:memory",
+                "none@B,none@b,dissect:memory",
                 "--out",
                 str(out),
             ]
@@ -102,5 +102,36 @@ def test_throughput_benchmark_cpu(tmp_path):
         == 0
     )
     res = json.loads(out.read_text())["results"]
-    assert [r["loaded_batch"] for r in res] == [16, 16] and res[1]["train_batch"] == 8
+    assert [r["loaded_batch"] for r in res] == [16, 8, 16] and res[2]["train_batch"] == 8
     assert all(r["step_s"] > 0 for r in res)
+    ratio = res[1]["step_s"] / res[0]["step_s"]
+    assert (
+        f"step(b) / step(B) = {ratio:.3f} against b / B = 0.500"
+        in out.with_suffix(".md").read_text()
+    )
+
+
+def test_digits_dataset_for_the_external_check(tmp_path):
+    # a second dataset for the selection benchmarks: disjoint train/val images, injected noise
+    # recorded per sample, zero-shot files beside val
+    from benchmarks.digits import build
+    from data_prep.tario import iter_samples
+
+    build(tmp_path, noise=0.4)
+
+    def rows(split):
+        out = []
+        for shard in sorted((tmp_path / split).glob("*.tar")):
+            for s in iter_samples(shard):
+                out.append((json.loads(s["json"]), s["png"], s["txt"].decode()))
+        return out
+
+    train, val, clean = rows("train"), rows("val"), rows("train_clean")
+    assert (len(train), len(val)) == (1497, 300)
+    assert not {png for _, png, _ in train} & {png for _, png, _ in val}
+    noisy = [(m, t) for m, _, t in train if m["noisy"]]
+    assert len(noisy) == round(0.4 * 1497)
+    names = (tmp_path / "val" / "classnames.txt").read_text().split()
+    # a noisy caption names another digit than the image shows; clean ones name the right one
+    assert all(names[m["label"]] not in t for m, t in noisy)
+    assert all(names[m["label"]] in t for m, _, t in clean)
