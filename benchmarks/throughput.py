@@ -94,7 +94,11 @@ def bench_method(method: str, args: argparse.Namespace, dist: DistInfo) -> dict:
             "model": {"name": args.model},
             "optim": {"lr": 1e-4, "warmup_steps": 0},
             "selection": sel_cfg,
-            "deepspeed": {"zero_stage": args.zero_stage, "precision": args.precision},
+            "deepspeed": {
+                "zero_stage": args.zero_stage,
+                "precision": args.precision,
+                "fused_adam": not args.no_fused_adam,
+            },
         }
     )
     loaded = cfg.super_batch_size
@@ -178,6 +182,13 @@ def report(results: list[dict], ratio: float) -> str:
             f"{r['scored_per_s']:.0f} | {r['trained_per_s']:.0f} | {rel} | "
             f"{'' if pred is None else f'{pred:.3f}'} |"
         )
+    small, big = base.get("none@b"), base.get("none@B")
+    if small and big:  # small-batch efficiency: 1.0 would be a step cost proportional to b
+        lines += [
+            "",
+            f"step(b) / step(B) = {small['step_s'] / big['step_s']:.3f} against b / B = "
+            f"{small['train_batch'] / big['train_batch']:.3f}",
+        ]
     return "\n".join(lines)
 
 
@@ -198,6 +209,11 @@ def main(argv=None) -> int:
         type=int,
         default=0,
         help="word tokens per synthetic caption (0: every position a random token)",
+    )
+    ap.add_argument(
+        "--no-fused-adam",
+        action="store_true",
+        help="torch's foreach AdamW instead of its fused kernel (deepspeed.fused_adam=false)",
     )
     ap.add_argument("--methods", default="none@b,none@B,random,dissect:memory,dissect:ema")
     ap.add_argument("--out", default="results/throughput.json")

@@ -277,6 +277,7 @@ class DeepSpeedConfig:
     precision: str = "fp32"
     timeout_s: int = 600  # collective timeout: a dead rank ends the job within this bound
     torch_adam: bool = True  # torch's AdamW: no 85 s JIT build of DeepSpeed's CPU Adam
+    fused_adam: bool = True  # with torch_adam: torch's fused AdamW kernel (CPU and CUDA)
 
     def __post_init__(self):
         _check(

@@ -64,6 +64,9 @@ def ds_config(cfg: Config, total_steps: int) -> dict:
                 "eps": o.eps,
                 "weight_decay": o.weight_decay,
                 "torch_adam": d.torch_adam,
+                # one fused kernel for every parameter instead of a loop of small ones: the
+                # optimizer step does not shrink with the batch, so it weighs most at small b
+                **({"fused": True} if d.torch_adam and d.fused_adam else {}),
             },
         },
         "scheduler": {

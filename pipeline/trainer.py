@@ -162,10 +162,9 @@ class StepRunner:
         metrics["perf/train_s"] = time.perf_counter() - t0
         if self.selector is not None:
             self.selector.after_step(step)
-        metrics.update(
-            loss=float(loss.detach().float().item()),
-            logit_scale=float(scale.detach().float().item()),
-        )
+        # one device-to-host copy for both values
+        loss_v, scale_v = torch.stack([loss.detach().float(), scale.detach().float()]).tolist()
+        metrics.update(loss=loss_v, logit_scale=scale_v)
         return metrics
 
 

@@ -57,6 +57,9 @@ def test_single_process_learns_and_writes_run_dir(shards, tmp_path):
         "checkpoints/latest",
     ):
         assert (run / name).exists(), name
+    # the optimizer DeepSpeed built is torch's fused AdamW (deepspeed.fused_adam, the default)
+    opt = json.loads((run / "ds_config.json").read_text())["optimizer"]["params"]
+    assert opt["torch_adam"] is True and opt["fused"] is True
     rows = train_rows(run)
     for key in (
         "step",
