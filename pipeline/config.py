@@ -39,6 +39,7 @@ SELECTION_METHODS = (
     "dissect",
     "dissect_z",
     "filter_random",
+    "filter_visits",
     "oracle",
 )
 BALANCE_MODES = ("none", "clusters")
@@ -181,6 +182,7 @@ class SelectionConfig:
     # exceeds split_min_d (0: always); the running mean has momentum split_momentum
     split_min_d: float = 2.5
     split_momentum: float = 0.9
+    visit_momentum: float = 0.75  # filter_visits: per-sample loss mean v <- m v + (1-m) z
     # the scoring forward only (current and historical model; training is untouched):
     score_patch_dropout: float = 0.0  # share of image patches dropped per image (FLIP)
     score_image_size: int = 0  # score at this image size (position embeddings interpolated)
@@ -250,6 +252,12 @@ class SelectionConfig:
             "selection.split_momentum",
             "in [0, 1)",
             self.split_momentum,
+        )
+        _check(
+            0 <= self.visit_momentum < 1,
+            "selection.visit_momentum",
+            "in [0, 1)",
+            self.visit_momentum,
         )
         _check(
             0 <= self.score_patch_dropout < 1,

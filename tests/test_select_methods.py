@@ -8,8 +8,10 @@ from pipeline.selection.methods import (
     METHODS,
     ScoreInputs,
     SplitGate,
+    VisitMean,
     differential,
     fit_mixture,
+    per_sample_clip_loss,
     standardise,
 )
 
@@ -26,6 +28,8 @@ def _inputs(G=24, seed=0, **over):
         history="memory",
         cluster_G=torch.arange(G) % 3,
         gate=SplitGate(min_d=0.0, momentum=0.9),
+        uid_G=torch.arange(G),
+        visits=VisitMean(G, rank=0, world=1, momentum=0.5),
     )
     base.update(over)
     return ScoreInputs(**base)
@@ -148,3 +152,26 @@ def test_filter_random_is_random_selection_without_noise():
 @pytest.mark.parametrize("name", ["dissect", "dissect_z"])
 def test_history_rules_declare_it(name):
     assert METHODS[name].needs_h and METHODS[name].needs_s
+
+
+def test_visit_mean_averages_each_sample_over_its_visits():
+    vm = VisitMean(10, rank=0, world=1, momentum=0.5)
+    uid = torch.tensor([3, 7])
+    assert vm(uid, torch.tensor([2.0, -1.0])).tolist() == [2.0, -1.0]  # first sight: the value
+    assert vm(torch.tensor([7, 5]), torch.tensor([1.0, 4.0])).tolist() == [0.0, 4.0]
+    assert vm(uid, torch.tensor([0.0, 2.0])).tolist() == [1.0, 1.0]
+
+
+def test_filter_visits_filters_the_visit_mean_of_the_loss():
+    # at a sample's first visit (all of single-pass data) it is filter_random; afterwards the
+    # split is made on each sample's running mean of the standardised loss
+    x = _inputs(G=64, seed=1)
+    x.gate = SplitGate(min_d=0.0, momentum=0.0)
+    first = METHODS["filter_visits"].score(x)
+    x.gate = SplitGate(min_d=0.0, momentum=0.0)
+    assert torch.equal(first, METHODS["filter_random"].score(x))
+    z_first = x.visits.store.value.clone()
+    x.feats = _inputs(G=64, seed=2).feats  # the same samples, another visit
+    METHODS["filter_visits"].score(x)
+    z_second = standardise(per_sample_clip_loss(*x.feats), x.cluster_G).float()
+    assert torch.allclose(x.visits.store.value, 0.5 * z_first + 0.5 * z_second, atol=1e-6)

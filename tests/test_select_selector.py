@@ -186,6 +186,7 @@ CASES = [
     {"method": "dissect", "history": "score_ema"},
     {"method": "dissect_z", "history": "memory"},
     {"method": "filter_random", "balance": "clusters", "clusters": 3},
+    {"method": "filter_visits", "split_min_d": 0.0},
     {"method": "dissect", "history": "snapshot", "balance": "clusters", "clusters": 3},
     {"method": "small_loss", "balance": "clusters", "clusters": 4},
 ]
@@ -250,6 +251,7 @@ def test_warmup_boundary_of_every_source(tmp_path):
         {"method": "dissect", "history": "score_ema"},
         {"method": "clipscore", "balance": "clusters", "clusters": 3},
         {"method": "filter_random", "split_momentum": 0.5},  # the gate's running separation
+        {"method": "filter_visits", "split_min_d": 0.0},  # the per-sample visit means
     ],
 )
 def test_resume_from_state_dict_is_exact(tmp_path, sel):

@@ -9,6 +9,7 @@ A new method is one small function here and one line in METHODS. Inputs (G gathe
     noisy_G    ground-truth noisy flag, given only to a method with needs_truth (the oracle):
                no selection rule may read it, nor the labels
     gate       the run's SplitGate, given to a method with gated=True (state kept across steps)
+    uid_G, visits  sample ids and the run's VisitMean, for a method with needs_visits=True
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.selection.store import ScoreStore
 
 
 @dataclass
@@ -30,6 +33,8 @@ class ScoreInputs:
     cluster_G: torch.Tensor | None = None
     noisy_G: torch.Tensor | None = None
     gate: SplitGate | None = None  # methods with gated=True
+    uid_G: torch.Tensor | None = None
+    visits: VisitMean | None = None  # methods with needs_visits=True
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class Method:
     needs_h: bool = False  # reads a historical source (selection.history)
     needs_truth: bool = False  # reads the ground-truth noisy flag: benchmarks only
     gated: bool = False  # filters only while a SplitGate says the noise split is real
+    needs_visits: bool = False  # averages a per-sample value over visits (VisitMean)
 
 
 def correlation(img_ND: torch.Tensor, txt_ND: torch.Tensor) -> torch.Tensor:
@@ -173,16 +179,50 @@ def _dissect_z(x: ScoreInputs) -> torch.Tensor:
     return (standardise(x.h_G) - standardise(x.s_G)).float()
 
 
+def _filter(x: ScoreInputs, z_G: torch.Tensor) -> torch.Tensor:
+    # Only when the split is real (SplitGate): on clean data this is random selection.
+    mix = fit_mixture(z_G)
+    if not x.gate.observe(mix.separation):
+        return x.rand_G.double()
+    return (mix.clean_G > 0.5).double() + x.rand_G.double()
+
+
 def _filter_random(x: ScoreInputs) -> torch.Tensor:
     # Loss standardised within each caption cluster, so an easy concept's pairs are not all
     # called clean and a hard concept's all noisy; then random among the likely-clean, which
     # keeps the class mix and does not favour the already-learned easy pairs as small_loss does.
-    # Only when the split is real (SplitGate): on clean data this is random selection.
+    return _filter(x, standardise(per_sample_clip_loss(*x.feats), x.cluster_G))
+
+
+def _filter_visits(x: ScoreInputs) -> torch.Tensor:
+    # filter_random on each sample's standardised loss averaged over its visits: a noisy pair's
+    # loss is high at every visit, a clean pair's only now and then (augmentation, a passing
+    # state of the model), so the average separates them better (as AUM and O2U-Net average
+    # over epochs). A sample seen once (single-pass data) is filter_random.
     z = standardise(per_sample_clip_loss(*x.feats), x.cluster_G)
-    mix = fit_mixture(z)
-    if not x.gate.observe(mix.separation):
-        return x.rand_G.double()
-    return (mix.clean_G > 0.5).double() + x.rand_G.double()
+    return _filter(x, x.visits(x.uid_G, z))
+
+
+class VisitMean:
+    """Per-sample running mean over visits, ``v <- m v + (1 - m) x`` (``v = x`` at first sight),
+    in a ScoreStore sharded like the memory history (one all-reduce of G floats per step)."""
+
+    def __init__(self, store_size: int, rank: int, world: int, momentum: float):
+        self.store = ScoreStore(store_size, rank, world)
+        self.momentum = momentum
+
+    def __call__(self, uid_G: torch.Tensor, x_G: torch.Tensor) -> torch.Tensor:
+        old_G, known_G = self.store.read(uid_G)
+        m = self.momentum
+        new_G = torch.where(known_G, m * old_G.double() + (1 - m) * x_G.double(), x_G.double())
+        self.store.write(uid_G, new_G)
+        return new_G
+
+    def state_dict(self) -> dict:
+        return self.store.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.store.load_state_dict(sd)
 
 
 METHODS: dict[str, Method] = {
@@ -193,5 +233,8 @@ METHODS: dict[str, Method] = {
     "dissect": Method(_dissect, largest=True, needs_s=True, needs_h=True),
     "dissect_z": Method(_dissect_z, largest=True, needs_s=True, needs_h=True),
     "filter_random": Method(_filter_random, largest=True, needs_feats=True, gated=True),
+    "filter_visits": Method(
+        _filter_visits, largest=True, needs_feats=True, gated=True, needs_visits=True
+    ),
     "oracle": Method(_oracle, largest=True, needs_truth=True),
 }

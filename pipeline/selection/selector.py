@@ -29,7 +29,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.dist import DistInfo
 from pipeline.selection import diagnostics as diag
 from pipeline.selection.balance import ClusterBalance, balanced_topk, cluster_quotas, cluster_stats
-from pipeline.selection.methods import METHODS, ScoreInputs, SplitGate, correlation
+from pipeline.selection.methods import METHODS, ScoreInputs, SplitGate, VisitMean, correlation
 from pipeline.selection.scoring import ScoreOptions, Scorer, sync
 from pipeline.selection.sources import Gathered, make_source
 from pipeline.selection.topk import apply_rebalance, global_topk, plan_rebalance, tie_draw
@@ -74,6 +74,11 @@ class Selector:
             ClusterBalance(sc.clusters, cfg.run.seed) if sc.balance == "clusters" else None
         )
         self.gate = SplitGate(sc.split_min_d, sc.split_momentum) if self.method.gated else None
+        self.visits = (
+            VisitMean(store_size, dist.rank, dist.world_size, sc.visit_momentum)
+            if self.method.needs_visits
+            else None
+        )
         self.source = make_source(
             sc.history if self.method.needs_h else None,
             engine,
@@ -200,6 +205,8 @@ class Selector:
             cluster_G=cluster_G,
             noisy_G=g.noisy if m.needs_truth else None,
             gate=self.gate,
+            uid_G=g.uid,
+            visits=self.visits,
         )
         return m.score(inputs).cpu(), m.largest, cluster_G
 
@@ -218,6 +225,7 @@ class Selector:
         sd = {"store": None, "weights": None, **self.source.state_dict()}
         sd["balance"] = self.balance.state_dict() if self.balance is not None else None
         sd["gate"] = self.gate.state_dict() if self.gate is not None else None
+        sd["visits"] = self.visits.state_dict() if self.visits is not None else None
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
@@ -226,3 +234,5 @@ class Selector:
             self.balance.load_state_dict(sd["balance"])
         if self.gate is not None and sd.get("gate") is not None:
             self.gate.load_state_dict(sd["gate"])
+        if self.visits is not None and sd.get("visits") is not None:
+            self.visits.load_state_dict(sd["visits"])
