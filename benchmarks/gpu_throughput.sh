@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Real-size costs on one GPU, in one go (under 8 minutes; each step has its own time limit):
-#   1. throughput: ViT-B/32, bf16, b=256 per GPU, with and without selection (r = 0.2, 0.5)
+#   1. throughput: ViT-B/32, bf16, b=256 per GPU, with and without selection (r = 0.2, 0.5),
+#      and the small-batch step without the fused optimizer
 #   2. scoring options inside the step (current and EMA history), with short captions
 #   3. the scoring forward alone, per option (benchmarks.scoring --cost-only)
 #   4. loader rates per worker on this host's CPUs (benchmarks.loader, 256-px JPEG)
@@ -20,6 +21,10 @@ echo "[gpu] step 1a done at $((SECONDS - t0)) s"
 timeout 75 $py -m benchmarks.throughput "${common[@]}" --ratio 0.5 \
   --methods none@B,dissect:memory,dissect:ema --out "$out/throughput_vitb32_r0.5.json"
 echo "[gpu] step 1b done at $((SECONDS - t0)) s"
+# the small-batch step with torch's foreach AdamW instead of the fused default (step(b)/step(B))
+timeout 45 $py -m benchmarks.throughput "${common[@]}" --ratio 0.2 --no-fused-adam \
+  --methods none@b,none@B --out "$out/throughput_vitb32_r0.2_nofused.json"
+echo "[gpu] step 1c done at $((SECONDS - t0)) s"
 # 16-word captions (the synthetic default fills all 77 positions, which trimming cannot cut)
 timeout 130 $py -m benchmarks.throughput "${common[@]}" --ratio 0.2 --caption-len 16 \
   --methods dissect:memory~engine,dissect:memory,dissect:memory~pd0.5,dissect:memory~size0.75,dissect:ema~engine,dissect:ema,dissect:ema~pd0.5,dissect:ema~pd0.5~size0.75 \
