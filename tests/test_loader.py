@@ -69,3 +69,11 @@ def test_too_few_shards_for_ranks_times_workers(urls):
         list(make_loader(spec, EpochPlan(epoch=0, steps=2)))
     with pytest.raises(ConfigError, match="does not exist"):
         expand_shards("/nonexistent/{000..003}.tar")
+
+
+def test_batches_are_pinned_only_on_a_gpu_host(urls, monkeypatch):
+    # pinned host memory makes the engine's non_blocking copies asynchronous; without a GPU
+    # there is nothing to pin for (and a CPU-only torch refuses to pin)
+    assert not make_loader(_spec(urls), EpochPlan(epoch=0, steps=1)).pin_memory
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert make_loader(_spec(urls), EpochPlan(epoch=0, steps=1)).pin_memory
