@@ -329,6 +329,10 @@ def run_bench(config: Path, out: Path, args, cmd: str) -> str:
     if prepare and not (ROOT / str(train_spec).split("{")[0]).exists():
         print(f"[bench] building the dataset: {prepare}", file=sys.stderr)
         argv = shlex.split(prepare)  # `dissect-prep ...` or `python -m module ...`
+        if argv[0] not in ("dissect-prep", "python"):
+            raise SystemExit(
+                f"bench config {config}: prepare must start with dissect-prep or python"
+            )
         head = ["-m", "data_prep.cli"] if argv[0] == "dissect-prep" else []
         subprocess.run([sys.executable, *head, *argv[1:]], cwd=ROOT, check=True)
     methods = args.methods.split(",") if args.methods else spec["methods"]

@@ -189,11 +189,16 @@ def _filter(x: ScoreInputs, z_G: torch.Tensor) -> torch.Tensor:
     return (mix.clean_G > 0.5).double() + x.rand_G.double()
 
 
-def _filter_random(x: ScoreInputs) -> torch.Tensor:
+def _cluster_z(x: ScoreInputs) -> torch.Tensor:
     # Loss standardised within each caption cluster, so an easy concept's pairs are not all
-    # called clean and a hard concept's all noisy; then random among the likely-clean, which
-    # keeps the class mix and does not favour the already-learned easy pairs as small_loss does.
-    return _filter(x, standardise(per_sample_clip_loss(*x.feats), x.cluster_G))
+    # called clean and a hard concept's all noisy.
+    return standardise(per_sample_clip_loss(*x.feats), x.cluster_G)
+
+
+def _filter_random(x: ScoreInputs) -> torch.Tensor:
+    # Random among the likely-clean: keeps the class mix and does not favour the already-learned
+    # easy pairs as small_loss does.
+    return _filter(x, _cluster_z(x))
 
 
 def _filter_visits(x: ScoreInputs) -> torch.Tensor:
@@ -201,8 +206,7 @@ def _filter_visits(x: ScoreInputs) -> torch.Tensor:
     # loss is high at every visit, a clean pair's only now and then (augmentation, a passing
     # state of the model), so the average separates them better (as AUM and O2U-Net average
     # over epochs). A sample seen once (single-pass data) is filter_random.
-    z = standardise(per_sample_clip_loss(*x.feats), x.cluster_G)
-    return _filter(x, x.visits(x.uid_G, z))
+    return _filter(x, x.visits(x.uid_G, _cluster_z(x)))
 
 
 class VisitMean:

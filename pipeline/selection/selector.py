@@ -221,18 +221,17 @@ class Selector:
 
     # --- state -----------------------------------------------------------------------------------
 
+    def _parts(self) -> dict:
+        """The optional parts that carry state across steps, by checkpoint key (None: not used)."""
+        return {"balance": self.balance, "gate": self.gate, "visits": self.visits}
+
     def state_dict(self) -> dict:
         sd = {"store": None, "weights": None, **self.source.state_dict()}
-        sd["balance"] = self.balance.state_dict() if self.balance is not None else None
-        sd["gate"] = self.gate.state_dict() if self.gate is not None else None
-        sd["visits"] = self.visits.state_dict() if self.visits is not None else None
+        sd.update({k: p.state_dict() if p is not None else None for k, p in self._parts().items()})
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
         self.source.load_state_dict(sd)
-        if self.balance is not None and sd.get("balance") is not None:
-            self.balance.load_state_dict(sd["balance"])
-        if self.gate is not None and sd.get("gate") is not None:
-            self.gate.load_state_dict(sd["gate"])
-        if self.visits is not None and sd.get("visits") is not None:
-            self.visits.load_state_dict(sd["visits"])
+        for key, part in self._parts().items():
+            if part is not None and sd.get(key) is not None:
+                part.load_state_dict(sd[key])
