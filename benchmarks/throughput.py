@@ -91,13 +91,14 @@ def bench_method(method: str, args: argparse.Namespace, dist: DistInfo) -> dict:
         {
             "run": {"seed": 0},
             "data": {"batch_size": train_b},
-            "model": {"name": args.model},
+            "model": {"name": args.model, "trim_text": not args.no_trim_text},
             "optim": {"lr": 1e-4, "warmup_steps": 0},
             "selection": sel_cfg,
             "deepspeed": {
                 "zero_stage": args.zero_stage,
                 "precision": args.precision,
                 "fused_adam": not args.no_fused_adam,
+                "compile": args.compile,
             },
         }
     )
@@ -140,6 +141,10 @@ def bench_method(method: str, args: argparse.Namespace, dist: DistInfo) -> dict:
     del runner
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if args.compile:
+        # the next method's model is a new one: compile it for its own shapes, not as a
+        # dynamic-shape recompile of this one's graph (CLIP.forward is the same code object)
+        torch._dynamo.reset()
     return {
         "method": method,
         "train_batch": train_b,
@@ -214,6 +219,19 @@ def main(argv=None) -> int:
         "--no-fused-adam",
         action="store_true",
         help="torch's foreach AdamW instead of its fused kernel (deepspeed.fused_adam=false)",
+    )
+    ap.add_argument(
+        "--no-trim-text",
+        action="store_true",
+        help="training and eval forwards take all context_length text positions (model.trim_text="
+        "false; the lean scoring path still trims, selection.score_trim_tokens)",
+    )
+    ap.add_argument(
+        "--compile",
+        default="",
+        metavar="BACKEND",
+        help="torch.compile the model's forward (deepspeed.compile, e.g. inductor); compiling "
+        "happens in the untimed --warmup steps",
     )
     ap.add_argument("--methods", default="none@b,none@B,random,dissect:memory,dissect:ema")
     ap.add_argument("--out", default="results/throughput.json")

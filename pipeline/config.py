@@ -123,6 +123,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny-vit"  # any open_clip model name or a config under configs/models/
+    # every forward (training, scoring, eval) cuts text at the batch's longest caption: exact
+    # for open_clip's causal, argmax-pooled text towers; other models are left as they are
+    trim_text: bool = True
 
     def __post_init__(self):
         _check(bool(self.name), "model.name", "an open_clip model name", self.name)
@@ -286,6 +289,9 @@ class DeepSpeedConfig:
     timeout_s: int = 600  # collective timeout: a dead rank ends the job within this bound
     torch_adam: bool = True  # torch's AdamW: no 85 s JIT build of DeepSpeed's CPU Adam
     fused_adam: bool = True  # with torch_adam: torch's fused AdamW kernel (CPU and CUDA)
+    # torch.compile backend for the model's forward through the engine ("" off; "inductor" is
+    # torch's default compiler): compiled on the first steps, it serves training and eval
+    compile: str = ""
 
     def __post_init__(self):
         _check(

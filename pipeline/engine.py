@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from pipeline import _env
-from pipeline.config import Config
-from pipeline.model import param_groups
+from pipeline.config import Config, ConfigError
+from pipeline.model import accept_trimmed_text, param_groups, trim_tokens
 
 _env.set_accelerator(torch.cuda.is_available())
 import deepspeed  # noqa: E402
@@ -178,12 +178,28 @@ def build_ops() -> None:
         locked_build(ext_dir, builder.name, lambda: builder.load(verbose=False))
 
 
+def check_compile_backend(backend: str) -> None:
+    if not backend:
+        return
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ConfigError(
+            f"deepspeed.compile: {backend!r} is not a torch.compile backend here; "
+            f"one of {', '.join(known)} (or empty: no compile)"
+        )
+
+
 class Engine:
     """A DeepSpeed engine around an open_clip model."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, total_steps: int):
+        check_compile_backend(cfg.deepspeed.compile)
         build_ops()
         self.cfg = cfg
+        # before DeepSpeed wraps it: the model's own forward then takes shorter token rows
+        self.trim_text = cfg.model.trim_text and accept_trimmed_text(model)
         self.ds_config = ds_config(cfg, total_steps)
         groups = param_groups(model, cfg.optim.weight_decay)
         if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
@@ -196,6 +212,11 @@ class Engine:
         self.zero_stage = cfg.deepspeed.zero_stage
         self.dtype = DTYPES[cfg.deepspeed.precision]
         self.device = self.ds.device
+        if cfg.deepspeed.compile:
+            # torch.compile of the module's forward, through DeepSpeed (which keeps its hooks).
+            # Trimmed text gives a few sequence lengths: dynamo marks a dimension dynamic at its
+            # first recompile, so they cost one more compile, not one per length.
+            self.ds.compile(backend=cfg.deepspeed.compile)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -206,11 +227,14 @@ class Engine:
 
         Either input may be None (open_clip then returns None for that side), e.g. text-only
         batches when building a zero-shot classifier; under ZeRO-3 this still goes through the
-        root module, so its own parameters (text_projection, logit_scale) are gathered.
+        root module, so its own parameters (text_projection, logit_scale) are gathered. Token
+        rows are cut at the batch's longest caption when the model allows it (model.trim_text).
         """
         if images is not None:
             images = images.to(self.device, self.dtype, non_blocking=True)
         if tokens is not None:
+            if self.trim_text:  # on the host when the batch is there: no device sync
+                tokens = trim_tokens(tokens)
             tokens = tokens.to(self.device, non_blocking=True)
         return self.ds(images, tokens)
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
 
 import pipeline  # noqa: F401  (torchvision compat before open_clip)
 from pipeline.config import ConfigError
@@ -102,3 +105,70 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         {"params": plain, "weight_decay": 0.0},
         {"params": decay, "weight_decay": weight_decay},
     ]
+
+
+# --- text at the length of its longest caption -----------------------------------------------
+#
+# open_clip's CLIP.encode_text adds all ``context_length`` (77) position embeddings, so it only
+# takes full-length token rows, although web captions are mostly far shorter. With the causal
+# mask and EOT (argmax) pooling no position up to a caption's EOT attends to the padding after
+# it: cutting every row at the batch's longest caption gives the same features, and the same
+# gradients (the cut positions' embeddings get zero gradient either way), for less compute.
+
+
+def text_trimmable(model: torch.nn.Module) -> bool:
+    """open_clip's CLIP with a causal, argmax-pooled text tower (tiny-vit, small-vit, ViT-B-32):
+    the models whose text may be cut at the longest caption without changing the result."""
+    return (
+        isinstance(model, open_clip.model.CLIP)
+        and getattr(model, "text_pool_type", None) == "argmax"
+        and getattr(model, "attn_mask", None) is not None
+    )
+
+
+def text_features(model: torch.nn.Module, tokens_NL: torch.Tensor) -> torch.Tensor:
+    """CLIP.encode_text (unnormalised) for rows of any length L <= context_length."""
+    L = tokens_NL.shape[1]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens_NL).to(cast) + model.positional_embedding[:L].to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask[:L, :L])
+    x = text_global_pool(model.ln_final(x), tokens_NL, model.text_pool_type)
+    if model.text_projection is None:
+        return x
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection
+
+
+def _encode_text_any_length(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    x = text_features(self, text)
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+def accept_trimmed_text(model: torch.nn.Module) -> bool:
+    """Let ``model.encode_text`` (and so ``model(images, tokens)``) take token rows cut short.
+
+    Binds an instance method, so parameters, state-dict keys and checkpoints are unchanged.
+    Returns False, leaving the model as it is, for models where a cut would change the result.
+    """
+    if not text_trimmable(model):
+        return False
+    model.encode_text = types.MethodType(_encode_text_any_length, model)
+    return True
+
+
+def last_token_lengths(tokens_NL: torch.Tensor) -> torch.Tensor:
+    """[N] 1-based position of each row's last non-pad token (0 for an all-padding row)."""
+    pos = torch.arange(1, tokens_NL.shape[1] + 1, device=tokens_NL.device)
+    return ((tokens_NL != 0) * pos).amax(dim=1)
+
+
+def trim_tokens(tokens_NL: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """Rows cut after the longest caption, rounded up to ``multiple`` positions (fewer distinct
+    shapes, aligned matrix sizes); a view, never longer than the rows were."""
+    N, L = tokens_NL.shape
+    if N == 0:
+        return tokens_NL
+    longest = int(last_token_lengths(tokens_NL).max())
+    keep = min(L, max(multiple, -(-longest // multiple) * multiple))
+    return tokens_NL[:, :keep]

@@ -14,7 +14,7 @@ import torch
 from benchmarks.throughput import make_batch
 
 
-def _runner(stage: int, selection: dict, b: int, steps: int):
+def _runner(stage: int, selection: dict, b: int, steps: int, compile_: str = "", caption_len=0):
     from pipeline.config import config_from_dict
     from pipeline.dist import init_distributed
     from pipeline.model import build_model
@@ -27,7 +27,7 @@ def _runner(stage: int, selection: dict, b: int, steps: int):
             "model": {"name": "tiny-vit"},
             "optim": {"lr": 1e-3, "warmup_steps": 0},
             "selection": selection,
-            "deepspeed": {"zero_stage": stage, "precision": "bf16"},
+            "deepspeed": {"zero_stage": stage, "precision": "bf16", "compile": compile_},
         }
     )
     dist = init_distributed()
@@ -37,16 +37,17 @@ def _runner(stage: int, selection: dict, b: int, steps: int):
     runner = StepRunner(cfg, dist, bundle.model, steps, store_size=4096, steps_per_epoch=steps)
     gen = torch.Generator().manual_seed(0)
     batch = make_batch(
-        cfg.super_batch_size, size, bundle.context_length, 0, torch.device("cpu"), gen
+        cfg.super_batch_size, size, bundle.context_length, 0, torch.device("cpu"), gen, caption_len
     )
     return runner, batch
 
 
 @pytest.mark.gpu
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("stage", [0, 2])
-def test_bf16_step_on_cuda_updates_the_weights_and_lowers_the_loss(stage):
-    runner, batch = _runner(stage, {"method": "none"}, b=32, steps=8)
+@pytest.mark.parametrize(("stage", "compile_"), [(0, ""), (2, ""), (0, "inductor")])
+def test_bf16_step_on_cuda_updates_the_weights_and_lowers_the_loss(stage, compile_):
+    # short captions: the rows are cut at 8 positions (model.trim_text), compiled or not
+    runner, batch = _runner(stage, {"method": "none"}, 32, 8, compile_, caption_len=5)
     engine = runner.engine
     assert engine.device.type == "cuda"
     assert {p.dtype for p in engine.module.parameters()} == {torch.bfloat16}

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.model import build_model
+from pipeline.model import build_model, text_features
 from pipeline.selection.scoring import (
     ScoreOptions,
     Scorer,
     chunk_lengths,
-    encode_text,
     interpolate_pos,
 )
 
@@ -55,7 +54,7 @@ def test_trimmed_text_features_equal_untrimmed(bundle):
     assert length < tokens.shape[1]  # the test trims something
     with torch.no_grad():
         full = m.encode_text(tokens)
-        trimmed = encode_text(m, tokens, length)
+        trimmed = text_features(m, tokens[:, :length])
     torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=1e-5)
 
 

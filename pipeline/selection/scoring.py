@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from pipeline.collectives import all_reduce_max
 from pipeline.config import ConfigError
+from pipeline.model import last_token_lengths, text_features, text_trimmable
 from pipeline.selection.methods import correlation
 
 if TYPE_CHECKING:  # typing only: importing the engine imports deepspeed
@@ -70,16 +71,13 @@ class ScoreOptions:
 def lean_supported(module: torch.nn.Module) -> bool:
     """Whether ``lean_features`` can run this module: open_clip CLIP with a ViT image tower and
     an argmax-pooled causal text tower (what tiny-vit, small-vit and ViT-B-32 are)."""
-    from open_clip.model import CLIP
     from open_clip.transformer import VisionTransformer
 
     v = getattr(module, "visual", None)
     return (
-        isinstance(module, CLIP)
+        text_trimmable(module)
         and isinstance(v, VisionTransformer)
         and getattr(v, "attn_pool", None) is None
-        and getattr(module, "text_pool_type", "argmax") == "argmax"
-        and getattr(module, "attn_mask", None) is not None
     )
 
 
@@ -120,29 +118,13 @@ def encode_image(
     return pooled @ visual.proj if visual.proj is not None else pooled
 
 
-def encode_text(model, tokens_NL: torch.Tensor, length: int) -> torch.Tensor:
-    """open_clip CLIP.encode_text on the first ``length`` positions (unnormalised features)."""
-    tokens = tokens_NL[:, :length]
-    cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # EOT pooling
-    if model.text_projection is None:
-        return x
-    if isinstance(model.text_projection, torch.nn.Linear):
-        return model.text_projection(x)
-    return x @ model.text_projection
-
-
 def chunk_lengths(tokens_NL: torch.Tensor, chunk: int, trim: bool) -> list[int]:
     """Text length per chunk: through the last non-pad token of its longest row (one host sync)."""
     N, L = tokens_NL.shape
     n = max(1, (N + chunk - 1) // chunk)
     if not trim or N == 0:
         return [L] * n
-    pos = torch.arange(1, L + 1, device=tokens_NL.device)
-    last_N = ((tokens_NL != 0) * pos).amax(dim=1)  # 1-based index of the last non-pad token
+    last_N = last_token_lengths(tokens_NL)
     pad = n * chunk - N
     last_N = F.pad(last_N, (0, pad))
     return last_N.reshape(n, chunk).amax(dim=1).clamp(min=1).tolist()
@@ -240,7 +222,7 @@ class Scorer:
         with self._autocast():
             for i, length in zip(range(0, N, c), lengths):
                 f_img = encode_image(model.visual, images[i : i + c], opts, gen)
-                f_txt = encode_text(model, tokens[i : i + c], length)
+                f_txt = text_features(model, tokens[i : i + c, :length])
                 imgs.append(F.normalize(f_img.float(), dim=-1))
                 txts.append(F.normalize(f_txt.float(), dim=-1))
         D = imgs[0].shape[1] if imgs else model.visual.output_dim
