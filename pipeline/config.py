@@ -123,8 +123,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny-vit"  # any open_clip model name or a config under configs/models/
-    # every forward (training, scoring, eval) cuts text at the batch's longest caption: exact
-    # for open_clip's causal, argmax-pooled text towers; other models are left as they are
+    # every forward through the engine (training, eval, ZeRO-3 scoring) cuts text at the
+    # batch's longest caption: exact for open_clip's causal, argmax-pooled text towers; other
+    # models are left as they are (the lean scoring path: selection.score_trim_tokens)
     trim_text: bool = True
 
     def __post_init__(self):
