@@ -243,21 +243,25 @@ def main(argv=None) -> int:
         results.append(res)
         if dist.is_main:
             print(json.dumps(res), file=sys.stderr, flush=True)
+            # after every method: a run cut short by a time limit keeps what it measured
+            table = write_results(results, args, dist)
     if dist.is_main:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        table = report(results, args.ratio)
-        out.write_text(
-            json.dumps({"args": vars(args), "device": device, "results": results}, indent=2)
-        )
-        out.with_suffix(".md").write_text(
-            f"device: {device}, world {dist.world_size}, model {args.model}, "
-            f"{args.precision}, ZeRO-{args.zero_stage}, b={args.batch}, "
-            f"r={args.ratio}\n\n{table}\n"
-        )
         print(table)
     return 0
+
+
+def write_results(results: list[dict], args: argparse.Namespace, dist: DistInfo) -> str:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    table = report(results, args.ratio)
+    out.write_text(json.dumps({"args": vars(args), "device": device, "results": results}, indent=2))
+    out.with_suffix(".md").write_text(
+        f"device: {device}, world {dist.world_size}, model {args.model}, "
+        f"{args.precision}, ZeRO-{args.zero_stage}, b={args.batch}, "
+        f"r={args.ratio}\n\n{table}\n"
+    )
+    return table
 
 
 if __name__ == "__main__":

@@ -111,6 +111,32 @@ def test_throughput_benchmark_cpu(tmp_path):
     )
 
 
+def test_throughput_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatch):
+    # the GPU script runs each benchmark under a time limit: methods done before it hits are kept
+    import benchmarks.throughput as thr
+
+    def bench(method, args, dist):
+        if method == "dissect:ema":
+            raise KeyboardInterrupt  # stands in for the limit's signal
+        return {
+            "method": method,
+            "train_batch": 8,
+            "loaded_batch": 16,
+            "world": 1,
+            "step_s": 0.5,
+            "scored_per_s": 32.0,
+            "trained_per_s": 16.0,
+        }
+
+    monkeypatch.setattr(thr, "bench_method", bench)
+    out = tmp_path / "thr.json"
+    with pytest.raises(KeyboardInterrupt):
+        thr.main(["--methods", "none@B,dissect:memory,dissect:ema", "--out", str(out)])
+    res = json.loads(out.read_text())["results"]
+    assert [r["method"] for r in res] == ["none@B", "dissect:memory"]
+    assert "| dissect:memory |" in out.with_suffix(".md").read_text()
+
+
 def test_digits_dataset_for_the_external_check(tmp_path):
     # a second dataset for the selection benchmarks: disjoint train/val images, injected noise
     # recorded per sample, zero-shot files beside val
