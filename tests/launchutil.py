@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from procutil import kill_tree
+from procutil import default_signals, kill_tree
 from shardutil import write_digit_shards
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +98,7 @@ def start(cmd: list, log: Path, env: dict | None = None, cwd: Path = ROOT) -> su
         stdout=f,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=default_signals,
     )
 
 

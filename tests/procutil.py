@@ -82,11 +82,28 @@ def stop_tree(pid: int, grace: float = 5.0) -> None:
     psutil.wait_procs(alive, timeout=grace)
 
 
+def default_signals() -> None:
+    """For ``preexec_fn``: HUP, INT and TERM at their defaults in the child.
+
+    A signal ignored when a process starts stays ignored in everything it runs, and bash cannot
+    trap it: under `nohup` (HUP) or started with `&` from a script (INT) the suite would pass
+    that on, and the tests that signal a launcher would test the harness instead.
+    """
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def start_cmd(cmd: list[str], log: Path) -> subprocess.Popen:
     """Start in the background, stdout+stderr to ``log``."""
     f = open(log, "w")
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        cmd,
+        cwd=ROOT,
+        env=_env(),
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=default_signals,
     )
 
 

@@ -17,6 +17,7 @@ import time
 import pandas as pd
 import pytest
 from PIL import Image
+from procutil import default_signals
 from test_data_prep import REPO, _Handler, _Server, one_line_error, read_shards
 
 from data_prep import chatter
@@ -180,7 +181,7 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path, server):
         [sys.executable, "-m", "data_prep", "shard", "--urls", str(urls), "--out", str(out),
          "--samples-per-shard", "5", "--processes", "1", "--threads", "1", "--image-size", "16"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=default_signals,
     )  # fmt: skip
     try:
         deadline = time.time() + 60
