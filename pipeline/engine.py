@@ -183,11 +183,11 @@ def check_compile_backend(backend: str) -> None:
         return
     import torch._dynamo
 
-    known = torch._dynamo.list_backends(exclude_tags=())
-    if backend not in known:
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        common = ", ".join(torch._dynamo.list_backends())  # without debug/experimental ones
         raise ConfigError(
             f"deepspeed.compile: {backend!r} is not a torch.compile backend here; "
-            f"one of {', '.join(known)} (or empty: no compile)"
+            f"one of {common} (or empty: no compile)"
         )
 
 
