@@ -41,8 +41,8 @@ data: $(STAMP) $(FMNIST)
 
 # ruff's linter and its formatter, at the line length pyproject.toml states (CI runs this first).
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline data_prep benchmarks tests
-	$(BIN)/ruff format --check pipeline data_prep benchmarks tests
+	$(BIN)/ruff check pipeline data_prep dissect_common benchmarks scripts tests
+	$(BIN)/ruff format --check pipeline data_prep dissect_common benchmarks scripts tests
 
 # What `make demo` made: the venv (with the built comm op), the demo shards and the demo run.
 # (The Debian package dataset-fashion-mnist stays: `apt-get remove dataset-fashion-mnist`.)

@@ -7,17 +7,11 @@ pins the environment img2dataset expects (no update check, no Hugging Face netwo
 
 # img2dataset imports albumentations (which phones home for updates) and, through wandb and
 # friends, huggingface_hub. Both must stay offline: the defaults are set before anything
-# imports them, from the one table both packages share (pipeline._env imports no torch).
-from pipeline import _env
+# imports them, from the one table both packages share (dissect_common imports no torch).
+from dissect_common import env
+from dissect_common.errors import DataPrepError
 
-_env.set_defaults()
-
-
-class DataPrepError(ValueError):
-    """Bad user input (missing file or column, empty list, folder without shards, ...).
-
-    The CLI prints its message as one line and exits non-zero; library callers can catch it.
-    """
+env.set_defaults()
 
 
 __all__ = ["DataPrepError"]

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _shard(args) -> int:
-    from data_prep.manifest import summary_lines
+    from dissect_common.manifest import summary_lines
     from data_prep.shard import shard_urls
 
     config = ShardConfig(
@@ -242,7 +242,7 @@ def _demo(args) -> int:
 
 
 def _noise(args) -> int:
-    from data_prep.manifest import summary_lines
+    from dissect_common.manifest import summary_lines
     from data_prep.noise import inject_noise
 
     manifest = inject_noise(args.src, args.out, rate=args.rate, seed=args.seed)

@@ -36,7 +36,7 @@ import pandas as pd
 from PIL import Image
 
 from data_prep import DataPrepError, fmnist
-from data_prep.manifest import brace_spec, read_manifest
+from dissect_common.manifest import brace_spec, read_manifest
 from data_prep.noise import inject_noise
 from data_prep.shard import shard_urls
 

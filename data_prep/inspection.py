@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep import DataPrepError
-from data_prep.manifest import MANIFEST, read_manifest, shard_paths
+from dissect_common.manifest import MANIFEST, read_manifest, shard_paths
 from data_prep.tario import iter_samples, sample_meta
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import DataPrepError
-from data_prep.manifest import new_manifest, read_manifest, shard_paths, write_manifest
+from dissect_common.manifest import new_manifest, read_manifest, shard_paths, write_manifest
 from data_prep.tario import ShardTarWriter, dumps_meta, iter_samples, sample_meta
 
 SIDECARS = ("classnames.txt", "templates.txt")  # zero-shot files travel with the shards

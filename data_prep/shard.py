@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from data_prep import DataPrepError
 from data_prep.chatter import LOG, ShardProgress, folded_output
-from data_prep.manifest import MANIFEST, error_category, new_manifest, write_manifest
+from dissect_common.manifest import MANIFEST, error_category, new_manifest, write_manifest
 from data_prep.urllist import INPUT_FORMATS, PreparedList, prepare_url_list
 
 # No .json suffix: img2dataset treats every *.json in the output folder as a shard's stats.

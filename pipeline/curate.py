@@ -1,12 +1,13 @@
 """Export the curated subset a run's selection chose: the uids it would keep.
 
-    python -m pipeline.curate runs/demo --out kept_uids.txt [--policy last|any|majority] [--after-warmup]
+    dissect-curate runs/demo --out kept_uids.txt [--policy last|any|majority] [--after-warmup]
 
 Reads the per-sample selection log (runs/<name>/selection/part-*.parquet, one row per scored
 sample per step: step, epoch, uid, s, h, d, kept, noisy, warmup) and writes one uid per line.
 Policies: `last` keeps a uid if its most recent decision was keep; `any` if it was ever kept;
 `majority` if it was kept in at least half of its scorings. `--after-warmup` ignores the
-random warm-up decisions.
+random warm-up decisions. (`python -m pipeline.curate` is the same command. It parses its
+arguments before importing pandas, so `--help` answers at once.)
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import pandas as pd
 
+def load_selection_log(run_dir: Path):
+    """Every part of the run's selection log as one pandas DataFrame."""
+    import pandas as pd
 
-def load_selection_log(run_dir: Path) -> pd.DataFrame:
     parts = sorted((Path(run_dir) / "selection").glob("part-*.parquet"))
     if not parts:
         raise FileNotFoundError(
@@ -42,19 +44,28 @@ def curate(run_dir: Path, policy: str = "last", after_warmup: bool = False) -> l
     return sorted(int(u) for u in kept[kept].index)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m pipeline.curate", description=__doc__.split("\n\n")[0]
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dissect-curate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir", help="run directory (holds selection/part-*.parquet)")
+    ap.add_argument("--out", required=True, help="file to write, one uid a line")
+    ap.add_argument(
+        "--policy",
+        default="last",
+        choices=["last", "any", "majority"],
+        help="last: the latest decision was keep; any: ever kept; majority: kept at least half",
     )
-    ap.add_argument("run_dir")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--policy", default="last", choices=["last", "any", "majority"])
-    ap.add_argument("--after-warmup", action="store_true")
-    args = ap.parse_args(argv)
+    ap.add_argument(
+        "--after-warmup", action="store_true", help="ignore the random warm-up decisions"
+    )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         uids = curate(Path(args.run_dir), args.policy, args.after_warmup)
     except (FileNotFoundError, ValueError) as err:
-        print(f"curate: error: {err}", file=sys.stderr)
+        print(f"dissect-curate: error: {err}", file=sys.stderr)
         return 2
     Path(args.out).write_text("".join(f"{u}\n" for u in uids))
     print(f"{len(uids)} uids -> {args.out}", file=sys.stderr)

@@ -175,7 +175,7 @@ def describe(metrics: dict) -> str:
 
 
 def run(args) -> int:
-    """dissect-eval after its arguments are parsed (pipeline.cli); see the module docstring."""
+    """dissect-eval after its arguments are parsed (pipeline.cmd_eval); see the module docstring."""
     from pipeline.config import ConfigError, load_config
     from pipeline.model import build_model
 
@@ -225,13 +225,3 @@ def run(args) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli import eval_main
-
-    return eval_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

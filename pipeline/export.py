@@ -230,7 +230,7 @@ def export(
 
 
 def run(args) -> int:
-    """dissect-export after its arguments are parsed (pipeline.cli)."""
+    """dissect-export after its arguments are parsed (pipeline.cmd_export)."""
     try:
         info = export(args.run_dir, args.out, args.tag, args.trust_checkpoint, not args.no_verify)
     except ExportError as err:
@@ -241,13 +241,3 @@ def run(args) -> int:
         f"{info['params']:,} params) as {info['model']!r} -> {info['out']}"
     )
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli import export_main
-
-    return export_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

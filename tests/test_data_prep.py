@@ -31,7 +31,7 @@ from PIL import Image
 from data_prep import DataPrepError
 from data_prep.cli import main
 from data_prep.fmnist import PHRASES, make_mosaics, mosaic_captions
-from data_prep.manifest import brace_spec, error_category, read_manifest
+from dissect_common.manifest import brace_spec, error_category, read_manifest
 from data_prep.noise import inject_noise
 from data_prep.tario import iter_samples
 from data_prep.urllist import prepare_url_list

@@ -22,7 +22,7 @@ from test_data_prep import REPO, _Handler, _Server, one_line_error, read_shards
 
 from data_prep import chatter
 from data_prep.cli import main
-from data_prep.manifest import read_manifest
+from dissect_common.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")

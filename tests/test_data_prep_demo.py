@@ -13,7 +13,7 @@ from PIL import Image
 from data_prep.cli import main
 from data_prep.demo import samples_per_shard, val_count
 from data_prep.fmnist import CLASSNAMES, FMNIST_DIR, PHRASES, ZEROSHOT_TEMPLATES, load_split
-from data_prep.manifest import read_manifest
+from dissect_common.manifest import read_manifest
 from data_prep.tario import iter_samples
 
 needs_fmnist = pytest.mark.skipif(

@@ -21,7 +21,7 @@ from PIL import Image
 from procutil import run_cmd, torchrun
 from shardutil import digits, write_digit_shards
 
-from pipeline.export import main
+from pipeline.cmd_export import main
 from pipeline.model import register_model_configs
 
 COMMON = [

@@ -9,7 +9,7 @@ import pytest
 from shardutil import write_digit_shards
 
 from data_prep import DataPrepError
-from data_prep.manifest import brace_spec, read_manifest
+from dissect_common.manifest import brace_spec, read_manifest
 from data_prep.noise import inject_noise
 from pipeline.config import ConfigError
 from pipeline.data import count_samples, expand_shards, max_uid

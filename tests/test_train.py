@@ -24,7 +24,7 @@ def shards(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_single_process_learns_and_writes_run_dir(shards, tmp_path):
-    from pipeline.evaluate import main as eval_main
+    from pipeline.cmd_eval import main as eval_main
 
     run = tmp_path / "run"
     proc = run_train(

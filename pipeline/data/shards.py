@@ -2,7 +2,7 @@
 
 A shard spec is a path, a brace pattern (``data/train/{00000..00099}.tar``) or a directory
 (every ``*.tar`` in it). data_prep writes ``manifest.json`` beside the shards with the sample
-count and the largest uid; we read it, through data_prep's own reader, to size epochs and the
+count and the largest uid; we read it, through the shared reader (dissect_common.manifest), to size epochs and the
 score store. A manifest is optional here (tars are counted without one) and any version is read.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import braceexpand
 
-from data_prep import DataPrepError
-from data_prep.manifest import load_manifest, shard_samples
+from dissect_common.errors import DataPrepError
+from dissect_common.manifest import load_manifest, shard_samples
 from pipeline.config import ConfigError
 
 

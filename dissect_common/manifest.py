@@ -34,7 +34,7 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-from data_prep import DataPrepError
+from dissect_common.errors import DataPrepError
 
 MANIFEST = "manifest.json"
 # failure categories of rows dropped before download (urllist.py), not by img2dataset
