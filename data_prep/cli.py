@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _shard(args) -> int:
-    from dissect_common.manifest import summary_lines
     from data_prep.shard import shard_urls
+    from dissect_common.manifest import summary_lines
 
     config = ShardConfig(
         input_format=args.input_format,
@@ -242,8 +242,8 @@ def _demo(args) -> int:
 
 
 def _noise(args) -> int:
-    from dissect_common.manifest import summary_lines
     from data_prep.noise import inject_noise
+    from dissect_common.manifest import summary_lines
 
     manifest = inject_noise(args.src, args.out, rate=args.rate, seed=args.seed)
     print("\n".join(summary_lines(manifest, args.out)))

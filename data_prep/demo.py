@@ -36,9 +36,9 @@ import pandas as pd
 from PIL import Image
 
 from data_prep import DataPrepError, fmnist
-from dissect_common.manifest import brace_spec, read_manifest
 from data_prep.noise import inject_noise
 from data_prep.shard import shard_urls
+from dissect_common.manifest import brace_spec, read_manifest
 
 KINDS = ("single", "mosaic")
 MOSAIC_VAL_MAX = 5000  # retrieval over more candidates costs eval time and adds little signal

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep import DataPrepError
-from dissect_common.manifest import MANIFEST, read_manifest, shard_paths
 from data_prep.tario import iter_samples, sample_meta
+from dissect_common.manifest import MANIFEST, read_manifest, shard_paths
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 

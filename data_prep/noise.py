@@ -22,8 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import DataPrepError
-from dissect_common.manifest import new_manifest, read_manifest, shard_paths, write_manifest
 from data_prep.tario import ShardTarWriter, dumps_meta, iter_samples, sample_meta
+from dissect_common.manifest import new_manifest, read_manifest, shard_paths, write_manifest
 
 SIDECARS = ("classnames.txt", "templates.txt")  # zero-shot files travel with the shards
 MAX_DRAW_ROUNDS = 1000

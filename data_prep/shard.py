@@ -37,8 +37,8 @@ import pyarrow.parquet as pq
 
 from data_prep import DataPrepError
 from data_prep.chatter import LOG, ShardProgress, folded_output
-from dissect_common.manifest import MANIFEST, error_category, new_manifest, write_manifest
 from data_prep.urllist import INPUT_FORMATS, PreparedList, prepare_url_list
+from dissect_common.manifest import MANIFEST, error_category, new_manifest, write_manifest
 
 # No .json suffix: img2dataset treats every *.json in the output folder as a shard's stats.
 FINGERPRINT = ".input-fingerprint"

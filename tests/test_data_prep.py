@@ -31,10 +31,10 @@ from PIL import Image
 from data_prep import DataPrepError
 from data_prep.cli import main
 from data_prep.fmnist import PHRASES, make_mosaics, mosaic_captions
-from dissect_common.manifest import brace_spec, error_category, read_manifest
 from data_prep.noise import inject_noise
 from data_prep.tario import iter_samples
 from data_prep.urllist import prepare_url_list
+from dissect_common.manifest import brace_spec, error_category, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_S = 3.0  # /slow sleeps this long; runs use --timeout 1

@@ -13,8 +13,8 @@ from PIL import Image
 from data_prep.cli import main
 from data_prep.demo import samples_per_shard, val_count
 from data_prep.fmnist import CLASSNAMES, FMNIST_DIR, PHRASES, ZEROSHOT_TEMPLATES, load_split
-from dissect_common.manifest import read_manifest
 from data_prep.tario import iter_samples
+from dissect_common.manifest import read_manifest
 
 needs_fmnist = pytest.mark.skipif(
     not (FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),

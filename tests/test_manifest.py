@@ -9,8 +9,8 @@ import pytest
 from shardutil import write_digit_shards
 
 from data_prep import DataPrepError
-from dissect_common.manifest import brace_spec, read_manifest
 from data_prep.noise import inject_noise
+from dissect_common.manifest import brace_spec, read_manifest
 from pipeline.config import ConfigError
 from pipeline.data import count_samples, expand_shards, max_uid
 
