@@ -180,17 +180,17 @@ def test_export_without_checkpoints_fails_cleanly(tmp_path, capsys):
     assert "config.yaml" in capsys.readouterr().err
 
 
-# --- the README's way to load an export, verbatim, in a fresh interpreter ----------------------
+# --- docs/training.md's way to load an export, verbatim, in a fresh interpreter -----------------
 
 
 def readme_export_snippet() -> str:
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
     after = text.split("<!-- export-snippet", 1)[1]
     return after.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def _run_snippet(export_dir: Path, cwd: Path) -> str:
-    """The README block with its example path pointed at ``export_dir``, in a new Python."""
+    """The docs/training.md block with its example path pointed at ``export_dir``, in a new Python."""
     code = readme_export_snippet()
     assert '"local-dir:exports/demo"' in code
     code = code.replace("exports/demo", str(export_dir))

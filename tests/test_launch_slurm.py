@@ -1,7 +1,7 @@
 """launch/slurm.sbatch (and launch/supervise.sh, which runs torchrun on each node): end to end
 through a fake srun that starts one torchrun per "node" (c10d rendezvous on localhost) and a
 requeued start that resumes; the USR1 requeue trap; SIGTERM stops every process of the job.
-(Shared cases, --dry-run anywhere, the README's sbatch commands: test_launch_common.py.)
+(Shared cases, --dry-run anywhere, the sbatch commands of docs/launching.md and the README: test_launch_common.py.)
 """
 
 from __future__ import annotations
