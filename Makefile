@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# (Environment defaults such as HF_HUB_OFFLINE live in pipeline/_env.py, set by every entry point.)
+# (Environment defaults such as HF_HUB_OFFLINE live in dissect_common/env.py, set by every entry point.)
 
 .PHONY: setup test demo data lint bench clean
 

@@ -3,7 +3,7 @@ import sys
 import uuid
 from pathlib import Path
 
-# first: the environment defaults (pipeline._env) and the torchvision compat shim, before
+# first: the environment defaults (dissect_common.env) and the torchvision compat shim, before
 # anything imports open_clip, img2dataset or deepspeed
 import pipeline  # noqa: F401
 
