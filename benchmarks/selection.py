@@ -78,7 +78,8 @@ def method_overrides(method: str) -> list[str]:
 
 
 def cost_model(method: str, ratio: float) -> float:
-    """DESIGN.md's step cost per loaded sample relative to `none` (forward = 1, backward = 2)."""
+    """The step cost per loaded sample relative to `none` by the cost model of docs/design.md
+    (forward = 1, backward = 2)."""
     name, history, balanced = parse_method(method)
     if name == "none":
         return 1.0
@@ -267,7 +268,7 @@ def write_report(results: list[dict], metric: str, out: Path, header: str) -> st
         "filtering_frac: the share of those steps in which a gated rule (filter_random) saw a real "
         "noise split and filtered (otherwise it kept a random share). "
         "step_cost_vs_none: measured step time per loaded sample relative to `none`; cost_model: "
-        "DESIGN.md's prediction (forward = 1, backward = 2).",
+        "the cost model's prediction in docs/design.md (forward = 1, backward = 2).",
     ]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)

@@ -10,7 +10,7 @@ timed through the same StepRunner the trainer uses (select -> forward -> loss ->
 
 Methods: `none@b` trains b per rank (what selection trains), `none@B` trains the whole super-batch
 B = b / r (what selection replaces), `random`, `clipscore`, `dissect:<history>`. The cost model in
-DESIGN.md predicts, per scored sample, time(dissect:memory) / time(none@B) = (1 + 3r) / 3 and
+docs/design.md predicts, per scored sample, time(dissect:memory) / time(none@B) = (1 + 3r) / 3 and
 time(dissect:ema) / time(none@B) = (2 + 3r) / 3; the report gives measured vs predicted.
 """
 

@@ -3,8 +3,8 @@
     sink = make_sink(run_dir, is_main, tensorboard=True)
     sink.log({"loss": 1.2, "select/kept_frac": 0.2}, step=10)
 
-metrics.jsonl holds one JSON object per logged step (keys as in DESIGN.md); TensorBoard gets the
-scalars, plus histograms and images handed over with `sink.histogram` / `sink.image`.
+metrics.jsonl holds one JSON object per logged step (keys as in docs/training.md); TensorBoard
+gets the scalars, plus histograms and images handed over with `sink.histogram` / `sink.image`.
 """
 
 from __future__ import annotations
