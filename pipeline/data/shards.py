@@ -2,8 +2,8 @@
 
 A shard spec is a path, a brace pattern (``data/train/{00000..00099}.tar``) or a directory
 (every ``*.tar`` in it). data_prep writes ``manifest.json`` beside the shards with the sample
-count and the largest uid; we read it, through the shared reader (dissect_common.manifest), to size epochs and the
-score store. A manifest is optional here (tars are counted without one) and any version is read.
+count and the largest uid; we read it, through the shared reader (dissect_common.manifest),
+to size epochs and the score store. A manifest is optional here (tars are counted without one) and any version is read.
 """
 
 from __future__ import annotations
