@@ -300,7 +300,7 @@ def per_seed_columns(runs: list[dict]) -> None:
         target = base["best"] if base else float("nan")
         t = time_to_reach(r["_evals"], target)
         t_none = time_to_reach(base["_evals"], target) if base else float("nan")
-        r["time_to_none_best_s"] = t
+        r["time_to_none_best_s"] = t if base else None  # None: no `none` run to compare with
         # equal compute: the best `none` had reached by the time this method finished
         r["none_at_same_wall_s"] = (
             max((v for tt, _, v in base["_evals"] if tt <= r["wall_s"]), default=float("nan"))
@@ -367,12 +367,13 @@ def summary(runs: list[dict], metric: str) -> list[dict]:
         mine = [r for r in runs if r["method"] == method]
         row: dict = {"method": method, "n_seeds": len(mine)}
         for k in RUN_COLS[2:16]:
-            vals = [float(r[k]) for r in mine]
-            row[k] = (
-                float("nan")
-                if k in ALL_OR_NOTHING and any(math.isnan(v) for v in vals)
-                else _mean(vals)
-            )
+            vals = [float("nan") if r[k] is None else float(r[k]) for r in mine]
+            if all(r[k] is None for r in mine):
+                row[k] = None
+            elif k in ALL_OR_NOTHING and any(math.isnan(v) for v in vals):
+                row[k] = float("nan")
+            else:
+                row[k] = _mean(vals)
         finals = [r["final"] for r in mine]
         row["final_sd"] = statistics.stdev(finals) if len(finals) > 1 else float("nan")
         diffs, shares = [], []
@@ -393,10 +394,13 @@ def summary(runs: list[dict], metric: str) -> list[dict]:
 
 
 def _fmt(v, k):
+    if v is None:
+        return "–"
     if isinstance(v, float):
         if math.isnan(v):
             return "never" if k == "time_to_none_best_s" else "–"
-        whole = ("wall_s", "time_to_none_best_s", "proc_wall_s", "startup_s", "eval_s", "data_s")
+        whole = ("wall_s", "time_to_none_best_s", "trained_samples", "proc_wall_s", "startup_s")
+        whole += ("eval_s", "data_s")
         return f"{v:.0f}" if k in whole else f"{v:.3f}"
     return str(v)
 
