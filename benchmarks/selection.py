@@ -186,8 +186,7 @@ def run_one(
     log = run.dir.parent / f"{run.dir.name}.log"
     run.dir.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", DISSECT_DIE_WITH_PARENT="1")
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "w") as f:
         proc = subprocess.run(
             cmd,
@@ -201,7 +200,7 @@ def run_one(
     if proc.returncode != 0:
         raise SystemExit(f"[bench] {name} failed (exit {proc.returncode}); see {log}")
     wall = time.time() - t0
-    stamp = {**want, "proc_wall_s": wall, "threads": threads or os.cpu_count()}
+    stamp = {**want, "proc_wall_s": wall, "threads": threads}
     (run.dir / "bench.json").write_text(json.dumps(stamp, indent=2) + "\n")
     print(f"[bench] {name}: done in {wall:.0f}s", file=sys.stderr, flush=True)
 
@@ -250,7 +249,13 @@ def summarize(run: Run, metric: str, ratio: float) -> dict:
         "proc_wall_s": stamp.get("proc_wall_s", float("nan")),
         "startup_s": stamp.get("proc_wall_s", float("nan")) - wall,
         "eval_s": eval_s,
-        "data_s": _mean([r.get("perf/data_s") for r in train]) * steps,
+        # the first step waits for the loader's start; later logged steps sample the rest
+        "data_s": (
+            train[0].get("perf/data_s", 0.0)
+            + _mean([r.get("perf/data_s") for r in train[1:]]) * (steps - 1)
+            if len(train) > 1
+            else float("nan")
+        ),
         "threads": stamp.get("threads"),
         "config_hash": stamp.get("config_hash"),
         "commit": stamp.get("commit"),
@@ -548,7 +553,7 @@ def run_bench(config: Path, out: Path, args, cmd: str) -> str:
                     "pass --rerun-stale to rerun such runs, or use another --out"
                 )
         todo.append((run, want))
-    threads = max(1, (os.cpu_count() or 1) // (args.jobs * args.nproc)) if args.jobs > 1 else 0
+    threads = args.threads or max(1, (os.cpu_count() or 1) // (args.jobs * args.nproc))
     port0 = 29500 + os.getpid() % 1000
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [
@@ -595,6 +600,12 @@ def main(argv=None) -> int:
         default=1,
         help="runs at once, each with cpu_count // (jobs x nproc) threads (wall_s is then "
         "measured under contention)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per process (OMP_NUM_THREADS; default cpu_count // (jobs x nproc))",
     )
     ap.add_argument(
         "--rerun-stale",

@@ -49,9 +49,9 @@ def test_selection_benchmark_quick(tmp_path):
     ]
     assert all(r["commit"] and r["config_hash"] and r["threads"] == "1" for r in rows)
     assert rows[0]["config_hash"] != rows[2]["config_hash"]  # the seed is part of the config
-    for r in rows:  # the profile adds up within the process's wall time
-        parts = float(r["startup_s"]) + float(r["eval_s"]) + float(r["data_s"])
-        assert 0 < float(r["eval_s"]) and parts < float(r["proc_wall_s"])
+    for r in rows:  # where the time went: each part measured, within the process's wall time
+        parts = [float(r[k]) for k in ("startup_s", "eval_s", "data_s")]
+        assert all(0 <= p < float(r["proc_wall_s"]) for p in parts) and parts[1] > 0, r
     cfg_s1 = yaml.safe_load((out / "runs" / "dissect-memory" / "s1" / "config.yaml").read_text())
     assert cfg_s1["run"]["seed"] == 1
     none0 = [r for r in rows if r["method"] == "none"][0]
