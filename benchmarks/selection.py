@@ -534,7 +534,7 @@ def run_bench(config: Path, out: Path, args, cmd: str) -> str:
     ratio = float(effective.get("selection", {}).get("ratio", 0.2))
     seed0 = int(effective.get("run", {}).get("seed", 0))
     started = time.strftime("%Y-%m-%d %H:%M")
-    version = code_version()
+    version = {**code_version(), "nproc": args.nproc}  # processes per run change the training
     # seed-major: an interrupted table holds whole seeds
     runs = [
         Run(m, seed0 + k, out, effective, extra, ratio) for k in range(args.seeds) for m in methods
