@@ -15,23 +15,34 @@ A bench config is YAML with:
     prepare:  the command that builds the shards, `dissect-prep ...` or `python -m ...` (run when
               data.train is missing)
 
-Each method is one real training run (`python -m pipeline.train`, or torchrun with --nproc),
-sequential in one invocation. Outputs in --out: runs/<method>/ (full run directories),
-results.csv, results.md, and PNG plots (metric vs wall time, vs trained samples; kept noisy
-fraction over training).
+Each (method, seed) is one real training run (`python -m pipeline.train`, or torchrun with
+--nproc); --seeds K runs every method with run.seed = base seed + 0..K-1 (initialisation and data
+order; the noise is fixed by the shards), --jobs N runs N of them at once (each with
+cpu_count // N threads). Outputs in --out: runs/<method>/s<seed>/ (full run directories),
+results.csv (one row per method and seed), summary.csv and results.md (per method: means, spread,
+the paired difference to `random` with a 95% interval over seeds), and curves.png (mean over
+seeds with a +-1 sd band).
+
+A finished run is reused only when its bench.json stamp (the run's config hash, the code's
+commit and dirty state) matches this invocation; a finished run that does not match stops the
+bench with one line, unless --rerun-stale reruns it.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
 import shlex
+import shutil
+import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -93,35 +104,68 @@ def run_dir_name(method: str) -> str:
     return method.replace(":", "-").replace("+", "-")
 
 
-def run_method(
-    method: str,
-    base_file: Path,
-    extra: list[str],
-    out: Path,
-    nproc: int,
-    timeout: float,
-    ratio: float,
-    base: dict,
-) -> Path:
-    run_dir = out / "runs" / run_dir_name(method)
-    if (run_dir / "eval.json").exists():
-        print(f"[bench] {method}: reusing {run_dir}", file=sys.stderr)
-        return run_dir
-    if run_dir.exists():
-        import shutil
+def code_version() -> dict:
+    """The commit and whether the tree differs from it (bench outputs under benchmarks/results
+    aside); ``tree`` hashes the difference, so two different dirty states do not match."""
 
-        shutil.rmtree(run_dir)
-    overrides = [
-        *extra,
-        *method_overrides(method),
-        f"run.dir={run_dir}",
-        f"run.name={run_dir.name}",
-    ]
-    if method == "none":  # 1/r more (smaller) steps per epoch: keep eval/log cadence per epoch
-        for sec, key in (("eval", "every_steps"), ("log", "every_steps")):
-            every = base.get(sec, {}).get(key)
-            if every:
-                overrides.append(f"{sec}.{key}={int(round(every / ratio))}")
+    def git(*a):
+        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout if r.returncode == 0 else None
+
+    commit = (git("rev-parse", "HEAD") or "unknown").strip()
+    paths = ["--", ".", ":(exclude)benchmarks/results"]
+    status = git("status", "--porcelain", *paths)
+    dirty = status is None or bool(status.strip())
+    diff = (git("diff", "HEAD", *paths) or "") + (status or "")
+    tree = hashlib.sha256(diff.encode()).hexdigest()[:12] if dirty else ""
+    return {"commit": commit, "dirty": dirty, "tree": tree}
+
+
+def config_hash(base: dict, overrides: list[str]) -> str:
+    """What a run trains: the base config and its overrides (its own dir and name aside)."""
+    ov = [o for o in overrides if not o.startswith(("run.dir=", "run.name="))]
+    blob = json.dumps({"base": base, "overrides": ov}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+class Run:
+    """One (method, seed) training run of a bench and its stamp."""
+
+    def __init__(self, method: str, seed: int, out: Path, base: dict, extra: list[str], ratio):
+        self.method, self.seed = method, seed
+        self.dir = out / "runs" / run_dir_name(method) / f"s{seed}"
+        self.overrides = [
+            *extra,
+            *method_overrides(method),
+            f"run.seed={seed}",
+            f"run.dir={self.dir}",
+            f"run.name={run_dir_name(method)}-s{seed}",
+        ]
+        if method == "none":  # 1/r more (smaller) steps per epoch: keep eval/log cadence per epoch
+            for sec, key in (("eval", "every_steps"), ("log", "every_steps")):
+                every = base.get(sec, {}).get(key)
+                if every:
+                    self.overrides.append(f"{sec}.{key}={int(round(every / ratio))}")
+
+    def stamp(self, base: dict, version: dict) -> dict:
+        return {"config_hash": config_hash(base, self.overrides), **version}
+
+    def stale(self, want: dict) -> str:
+        """'' when the finished run matches ``want``, else what differs (one phrase)."""
+        stamp_file = self.dir / "bench.json"
+        if not stamp_file.exists():
+            return "it has no bench.json stamp (made before stamps, or by hand)"
+        have = json.loads(stamp_file.read_text())
+        diff = [f"{k} {have.get(k)!r} != {want[k]!r}" for k in want if have.get(k) != want[k]]
+        return ", ".join(diff)
+
+
+def run_one(
+    run: Run, base_file: Path, want: dict, nproc: int, timeout: float, threads: int, port: int
+) -> None:
+    """Train one run (its directory replaced) and stamp it with ``want`` and its process time."""
+    if run.dir.exists():
+        shutil.rmtree(run.dir)
     if nproc > 1:
         cmd = [
             sys.executable,
@@ -130,17 +174,20 @@ def run_method(
             "--nproc_per_node",
             str(nproc),
             "--master_port",
-            str(29500 + os.getpid() % 1000),
+            str(port),
             "-m",
             "pipeline.train",
         ]
     else:
         cmd = [sys.executable, "-m", "pipeline.train"]
-    cmd += ["--config", str(base_file), *overrides]
-    print(f"[bench] {method}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    cmd += ["--config", str(base_file), *run.overrides]
+    name = f"{run.method} seed {run.seed}"
+    print(f"[bench] {name}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     t0 = time.time()
-    log = run_dir.parent / f"{run_dir.name}.log"
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = run.dir.parent / f"{run.dir.name}.log"
+    run.dir.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DISSECT_DIE_WITH_PARENT="1")
+    env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "w") as f:
         proc = subprocess.run(
             cmd,
@@ -149,12 +196,14 @@ def run_method(
             stderr=subprocess.STDOUT,
             timeout=timeout,
             # the run dies with this process, however it dies (pipeline._env.die_with_parent)
-            env=dict(os.environ, PYTHONUNBUFFERED="1", DISSECT_DIE_WITH_PARENT="1"),
+            env=env,
         )
     if proc.returncode != 0:
-        raise SystemExit(f"[bench] {method} failed (exit {proc.returncode}); see {log}")
-    print(f"[bench] {method}: done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
-    return run_dir
+        raise SystemExit(f"[bench] {name} failed (exit {proc.returncode}); see {log}")
+    wall = time.time() - t0
+    stamp = {**want, "proc_wall_s": wall, "threads": threads}
+    (run.dir / "bench.json").write_text(json.dumps(stamp, indent=2) + "\n")
+    print(f"[bench] {name}: done in {wall:.0f}s", file=sys.stderr, flush=True)
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -168,28 +217,50 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def summarize(method: str, rows: list[dict], metric: str, ratio: float) -> dict:
+def summarize(run: Run, metric: str, ratio: float) -> dict:
+    rows = read_rows(run.dir)
+    stamp = json.loads((run.dir / "bench.json").read_text())
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if metric in r]
     after = [r for r in train if not r.get("select/warmup", 0)]
     final = evals[-1][metric] if evals else float("nan")
     best = max((r[metric] for r in evals), default=float("nan"))
     step_s = _mean([r.get("perf/step_s") for r in train[1:]])
-    loaded = train[-1]["samples_seen"] / max(train[-1]["step"], 1) if train else float("nan")
+    steps = train[-1]["step"] if train else 0
+    loaded = train[-1]["samples_seen"] / max(steps, 1) if train else float("nan")
+    wall = rows[-1]["time_s"] if rows else float("nan")
+    eval_s = sum(r.get("perf/eval_s", 0.0) for r in rows if "loss" not in r)
     return {
-        "method": method,
+        "method": run.method,
+        "seed": run.seed,
         "final": final,
         "best": best,
-        "wall_s": rows[-1]["time_s"] if rows else float("nan"),
+        "wall_s": wall,
         "trained_samples": train[-1]["samples_trained"] if train else 0,
-        "steps": train[-1]["step"] if train else 0,
+        "steps": steps,
         "noise_auc": _mean([r.get("select/noise_auc") for r in after]),
         "kept_noisy_frac": _mean([r.get("select/kept_noisy_frac") for r in after]),
         "kept_label_entropy": _mean([r.get("select/kept_label_entropy") for r in after]),
         # gated rules (filter_random): the share of logged post-warm-up steps that filtered
         "filtering_frac": _mean([r.get("select/filtering") for r in after]),
         "step_s_per_loaded": step_s / loaded if loaded else float("nan"),
-        "cost_model": cost_model(method, ratio),
+        "cost_model": cost_model(run.method, ratio),
+        # where the process's time went: start-up (and the final save) outside train()'s clock,
+        # evaluations, loader waits and the rest of the steps (logged steps' means x steps)
+        "proc_wall_s": stamp.get("proc_wall_s", float("nan")),
+        "startup_s": stamp.get("proc_wall_s", float("nan")) - wall,
+        "eval_s": eval_s,
+        # the first step waits for the loader's start; later logged steps sample the rest
+        "data_s": (
+            train[0].get("perf/data_s", 0.0)
+            + _mean([r.get("perf/data_s") for r in train[1:]]) * (steps - 1)
+            if len(train) > 1
+            else float("nan")
+        ),
+        "threads": stamp.get("threads"),
+        "config_hash": stamp.get("config_hash"),
+        "commit": stamp.get("commit"),
+        "dirty": stamp.get("dirty"),
         "_evals": [(r["time_s"], r["samples_trained"], r[metric]) for r in evals],
         "_noisy": [(r["step"], r.get("select/kept_noisy_frac")) for r in train],
     }
@@ -202,66 +273,170 @@ def time_to_reach(evals: list[tuple], target: float) -> float:
     return float("nan")
 
 
-def write_report(results: list[dict], metric: str, out: Path, header: str) -> str:
-    base = next((r for r in results if r["method"] == "none"), None)
-    oracle = next((r for r in results if r["method"] == "oracle"), None)
-    target = base["best"] if base else float("nan")
-    t_none = time_to_reach(base["_evals"], target) if base else float("nan")
-    cols = [
-        "method",
-        "final",
-        "best",
-        "wall_s",
-        "trained_samples",
-        "none_at_same_wall_s",
-        "time_to_none_best_s",
-        "speedup_vs_none",
-        "best_minus_oracle",
-        "noise_auc",
-        "kept_noisy_frac",
-        "kept_label_entropy",
-        "filtering_frac",
-        "step_cost_vs_none",
-        "cost_model",
-    ]
-    table = []
-    for r in results:
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (no scipy needed)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def t975(dof: int) -> float:
+    if dof <= len(T975):
+        return T975[dof - 1]
+    z = 1.959964  # beyond the table: the first Cornish-Fisher term (2.021 at 40, true 2.021)
+    return z + (z**3 + z) / (4 * dof)
+
+
+def interval(xs: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval over seeds; NaN bounds with fewer than two finite values."""
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return float("nan"), float("nan"), float("nan")
+    m = statistics.fmean(xs)
+    if len(xs) < 2:
+        return m, float("nan"), float("nan")
+    half = t975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return m, m - half, m + half
+
+
+def per_seed_columns(runs: list[dict]) -> None:
+    """Columns of each run measured against `none` and `oracle` of the same seed."""
+    by = {(r["method"], r["seed"]): r for r in runs}
+    for r in runs:
+        base, oracle = by.get(("none", r["seed"])), by.get(("oracle", r["seed"]))
+        target = base["best"] if base else float("nan")
         t = time_to_reach(r["_evals"], target)
-        row = dict(r)
-        row["time_to_none_best_s"] = t
+        t_none = time_to_reach(base["_evals"], target) if base else float("nan")
+        r["time_to_none_best_s"] = t if base else None  # None: no `none` run to compare with
         # equal compute: the best `none` had reached by the time this method finished
-        row["none_at_same_wall_s"] = (
+        r["none_at_same_wall_s"] = (
             max((v for tt, _, v in base["_evals"] if tt <= r["wall_s"]), default=float("nan"))
             if base
             else float("nan")
         )
-        row["speedup_vs_none"] = t_none / t if t and not math.isnan(t) else float("nan")
-        row["best_minus_oracle"] = r["best"] - oracle["best"] if oracle else float("nan")
-        row["step_cost_vs_none"] = (
-            (r["step_s_per_loaded"] / base["step_s_per_loaded"]) if base else float("nan")
+        r["speedup_vs_none"] = t_none / t if t and not math.isnan(t) else float("nan")
+        r["best_minus_oracle"] = r["best"] - oracle["best"] if oracle else float("nan")
+        r["step_cost_vs_none"] = (
+            r["step_s_per_loaded"] / base["step_s_per_loaded"] if base else float("nan")
         )
-        table.append(row)
+
+
+RUN_COLS = [
+    "method",
+    "seed",
+    "final",
+    "best",
+    "wall_s",
+    "trained_samples",
+    "none_at_same_wall_s",
+    "time_to_none_best_s",
+    "speedup_vs_none",
+    "best_minus_oracle",
+    "noise_auc",
+    "kept_noisy_frac",
+    "kept_label_entropy",
+    "filtering_frac",
+    "step_cost_vs_none",
+    "cost_model",
+    "proc_wall_s",
+    "startup_s",
+    "eval_s",
+    "data_s",
+    "threads",
+    "config_hash",
+    "commit",
+    "dirty",
+]
+# a mean over seeds is "never" when any seed never reached the target
+ALL_OR_NOTHING = ("time_to_none_best_s", "speedup_vs_none")
+SUMMARY_COLS = [
+    "method",
+    "n_seeds",
+    "final",
+    "final_sd",
+    "diff_vs_random",
+    "diff_lo",
+    "diff_hi",
+    "resolved",
+    "oracle_gain_share",
+    "share_lo",
+    "share_hi",
+    *RUN_COLS[3:16],
+]
+
+
+def summary(runs: list[dict], metric: str) -> list[dict]:
+    """One row per method: means over seeds, the final metric's spread, and the paired
+    differences (per seed) to `random` and the share of the oracle's gain over random."""
+    by = {(r["method"], r["seed"]): r for r in runs}
+    out = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == method]
+        row: dict = {"method": method, "n_seeds": len(mine)}
+        for k in RUN_COLS[2:16]:
+            vals = [float("nan") if r[k] is None else float(r[k]) for r in mine]
+            if all(r[k] is None for r in mine):
+                row[k] = None
+            elif k in ALL_OR_NOTHING and any(math.isnan(v) for v in vals):
+                row[k] = float("nan")
+            else:
+                row[k] = _mean(vals)
+        finals = [r["final"] for r in mine]
+        row["final_sd"] = statistics.stdev(finals) if len(finals) > 1 else float("nan")
+        diffs, shares = [], []
+        for r in mine:
+            rnd, orc = by.get(("random", r["seed"])), by.get(("oracle", r["seed"]))
+            if rnd:
+                diffs.append(r["final"] - rnd["final"])
+                gain = orc["final"] - rnd["final"] if orc else 0.0
+                shares.append((r["final"] - rnd["final"]) / gain if gain else float("nan"))
+        row["diff_vs_random"], row["diff_lo"], row["diff_hi"] = interval(diffs)
+        row["oracle_gain_share"], row["share_lo"], row["share_hi"] = interval(shares)
+        lo, hi = row["diff_lo"], row["diff_hi"]
+        row["resolved"] = (
+            "–" if method == "random" or math.isnan(lo) else "yes" if lo > 0 or hi < 0 else "no"
+        )
+        out.append(row)
+    return out
+
+
+def _fmt(v, k):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "never" if k == "time_to_none_best_s" else "–"
+        whole = ("wall_s", "time_to_none_best_s", "trained_samples", "proc_wall_s", "startup_s")
+        whole += ("eval_s", "data_s")
+        return f"{v:.0f}" if k in whole else f"{v:.3f}"
+    return str(v)
+
+
+def write_report(runs: list[dict], metric: str, out: Path, header: str) -> str:
+    per_seed_columns(runs)
     with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=RUN_COLS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(runs)
+    table = summary(runs, metric)
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=SUMMARY_COLS, extrasaction="ignore")
         w.writeheader()
         w.writerows(table)
-
-    def fmt(v, k):
-        if isinstance(v, float):
-            if math.isnan(v):
-                return "–" if k != "time_to_none_best_s" else "never"
-            return f"{v:.0f}" if k in ("wall_s", "time_to_none_best_s") else f"{v:.3f}"
-        return str(v)
-
-    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = [header, "", "| " + " | ".join(SUMMARY_COLS) + " |", "|" + "---|" * len(SUMMARY_COLS)]
     for row in table:
-        lines.append("| " + " | ".join(fmt(row[c], c) for c in cols) + " |")
+        lines.append("| " + " | ".join(_fmt(row[c], c) for c in SUMMARY_COLS) + " |")
     lines += [
         "",
-        f"Primary metric: `{metric}` (final = last evaluation, best = best evaluation). "
-        "time_to_none_best_s: wall seconds until the method first reaches the best value `none` "
-        "reached; speedup_vs_none = none's time to that value / the method's; none_at_same_wall_s: "
-        "the best value `none` had reached by the time the method finished (equal wall time). "
+        f"Primary metric: `{metric}` (final = last evaluation, best = best evaluation); every "
+        "column is the mean over the method's n_seeds runs (one row per run in results.csv), "
+        "final_sd their standard deviation. diff_vs_random: the final metric minus `random`'s "
+        "in the same seed, mean over seeds, [diff_lo, diff_hi] its 95% t-interval; resolved = "
+        "the interval excludes 0. oracle_gain_share: (method - random) / (oracle - random) per "
+        "seed, mean and 95% interval [share_lo, share_hi] (1 = all of the oracle's gain over "
+        "random). time_to_none_best_s: wall seconds until the method first reaches the best "
+        "value `none` reached in the same seed (never if in any seed it did not); "
+        "speedup_vs_none = none's time to that value / the method's; none_at_same_wall_s: the "
+        "best value `none` had reached by the time the method finished (equal wall time). "
         "best_minus_oracle: best minus the oracle's best (the oracle keeps clean pairs first by "
         "ground truth, random among them: the ceiling of noise filtering here). noise_auc, "
         "kept_noisy_frac and kept_label_entropy are averaged over steps after selection warm-up. "
@@ -275,27 +450,44 @@ def write_report(results: list[dict], metric: str, out: Path, header: str) -> st
     return text
 
 
-def plot(results: list[dict], metric: str, out: Path) -> None:
+def _mean_band(curves: list[list[tuple]]) -> tuple[list, list, list]:
+    """Pointwise mean and sd of curves sampled at the same points (cut to the shortest)."""
+    n = min(len(c) for c in curves)
+    mean = [statistics.fmean(c[i] for c in curves) for i in range(n)]
+    sd = [statistics.stdev(c[i] for c in curves) if len(curves) > 1 else 0.0 for i in range(n)]
+    return mean, sd, n
+
+
+def plot(runs: list[dict], metric: str, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for i, r in enumerate(results):
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    for i, method in enumerate(methods):
         color = f"C{i % 10}"  # one colour per method in every panel
-        ev = r["_evals"]
-        if ev:
-            axes[0].plot(
-                [e[0] for e in ev], [e[2] for e in ev], marker=".", color=color, label=r["method"]
-            )
-            axes[1].plot(
-                [e[1] for e in ev], [e[2] for e in ev], marker=".", color=color, label=r["method"]
-            )
-        nz = [(s, v) for s, v in r["_noisy"] if v is not None]
-        if nz:
-            axes[2].plot([s for s, _ in nz], [v for _, v in nz], color=color, label=r["method"])
-    axes[0].set(xlabel="wall time (s)", ylabel=metric, title=f"{metric} vs wall time")
+        mine = [r for r in runs if r["method"] == method]
+        label = method if len(mine) == 1 else f"{method} ({len(mine)} seeds)"
+        if all(r["_evals"] for r in mine):
+            y, sd, n = _mean_band([[e[2] for e in r["_evals"]] for r in mine])
+            t = _mean_band([[e[0] for e in r["_evals"]] for r in mine])[0]
+            samples = [e[1] for e in mine[0]["_evals"][:n]]
+            lo, hi = [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)]
+            for ax, x in ((axes[0], t), (axes[1], samples)):
+                ax.plot(x, y, marker=".", color=color, label=label)
+                ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0)
+        nz = [[(s, v) for s, v in r["_noisy"] if v is not None] for r in mine]
+        if all(nz):
+            y, sd, n = _mean_band([[v for _, v in c] for c in nz])
+            x = [s for s, _ in nz[0][:n]]
+            axes[2].plot(x, y, color=color, label=label)
+            axes[2].fill_between(
+                x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)],
+                color=color, alpha=0.2, linewidth=0,
+            )  # fmt: skip
+    axes[0].set(xlabel="wall time (s, mean)", ylabel=metric, title=f"{metric} vs wall time")
     axes[1].set(xlabel="trained samples", ylabel=metric, title=f"{metric} vs trained samples")
     axes[2].set(
         xlabel="step", ylabel="kept noisy fraction", title="noisy fraction of trained samples"
@@ -303,13 +495,15 @@ def plot(results: list[dict], metric: str, out: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
+    if len(runs) > len(methods):
+        fig.suptitle("mean over seeds, band: +-1 sd", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
     plt.close(fig)
 
 
 def run_bench(config: Path, out: Path, args, cmd: str) -> str:
-    """Every method of one bench config, then its table and plots in ``out``; returns the table."""
+    """Every method and seed of one bench config, then its table and plots in ``out``."""
     spec = yaml.safe_load(config.read_text())
     for key in ("base", "methods", "metric"):
         if key not in spec:
@@ -339,14 +533,46 @@ def run_bench(config: Path, out: Path, args, cmd: str) -> str:
     methods = args.methods.split(",") if args.methods else spec["methods"]
     effective = merge(base, quick)
     ratio = float(effective.get("selection", {}).get("ratio", 0.2))
+    seed0 = int(effective.get("run", {}).get("seed", 0))
     started = time.strftime("%Y-%m-%d %H:%M")
-    results = []
-    for m in methods:
-        run_dir = run_method(m, base_file, extra, out, args.nproc, args.timeout, ratio, effective)
-        results.append(summarize(m, read_rows(run_dir), spec["metric"], ratio))
+    version = {**code_version(), "nproc": args.nproc}  # processes per run change the training
+    # seed-major: an interrupted table holds whole seeds
+    runs = [
+        Run(m, seed0 + k, out, effective, extra, ratio) for k in range(args.seeds) for m in methods
+    ]
+    todo = []
+    for run in runs:
+        want = run.stamp(base, version)
+        if (run.dir / "eval.json").exists():
+            why = run.stale(want)
+            if not why:
+                print(f"[bench] {run.method} seed {run.seed}: reusing {run.dir}", file=sys.stderr)
+                continue
+            if not args.rerun_stale:
+                raise SystemExit(
+                    f"[bench] {run.dir} is finished but not by this config and code ({why}): "
+                    "pass --rerun-stale to rerun such runs, or use another --out"
+                )
+        todo.append((run, want))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // (args.jobs * args.nproc))
+    port0 = 29500 + os.getpid() % 1000
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [
+            pool.submit(
+                run_one, run, base_file, want, args.nproc, args.timeout, threads, port0 + 10 * i
+            )
+            for i, (run, want) in enumerate(todo)
+        ]
+        errors = [f.exception() for f in futures]
+    failed = [str(e) for e in errors if e is not None]
+    if failed:
+        raise SystemExit("\n".join(failed))
+    results = [summarize(run, spec["metric"], ratio) for run in runs]
+    versions = sorted({f"{r['commit'][:10]}{' (dirty)' if r['dirty'] else ''}" for r in results})
     header = (
         f"`{cmd}` ({config.stem}) — started {started}, {os.cpu_count()} CPU cores, {args.nproc} "
-        f"process(es) per run{', quick setting' if args.quick else ''}."
+        f"process(es) per run, {args.jobs} run(s) at once, {args.seeds} seed(s)"
+        f"{', quick setting' if args.quick else ''}; code {', '.join(versions)}."
     )
     text = write_report(results, spec["metric"], out, header)
     plot(results, spec["metric"], out)
@@ -366,12 +592,35 @@ def main(argv=None) -> int:
         "--quick", action="store_true", help="the few-minute setting from the config's quick:"
     )
     ap.add_argument("--methods", help="comma list overriding the config's methods")
+    ap.add_argument(
+        "--seeds", type=int, default=1, help="run seeds per method: base run.seed + 0..K-1"
+    )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, each with cpu_count // (jobs x nproc) threads (wall_s is then "
+        "measured under contention)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per process (OMP_NUM_THREADS; default cpu_count // (jobs x nproc))",
+    )
+    ap.add_argument(
+        "--rerun-stale",
+        action="store_true",
+        help="rerun finished runs whose config or code version differ (default: stop)",
+    )
     ap.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun)")
     ap.add_argument(
         "--timeout", type=float, default=3600, help="seconds per run before it is killed"
     )
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = ap.parse_args(argv)
+    if args.seeds < 1 or args.jobs < 1:
+        ap.error("--seeds and --jobs must be at least 1")
 
     cmd = "python -m benchmarks.selection " + " ".join(
         shlex.quote(a) for a in (argv or sys.argv[1:])

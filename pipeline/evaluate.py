@@ -36,17 +36,32 @@ def topk_accuracy(logits_NC: torch.Tensor, labels_N: torch.Tensor, ks=(1, 5)) ->
     return {k: float(hit[:, : min(k, C)].any(dim=1).float().mean()) for k in ks}
 
 
-def retrieval_recall(img_ND: torch.Tensor, txt_ND: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+def retrieval_recall(
+    img_ND: torch.Tensor,
+    txt_ND: torch.Tensor,
+    ks=(1, 5, 10),
+    captions: list[str] | None = None,
+) -> dict[str, float]:
     """Image i's true caption is text i. R@K both ways over the whole set.
 
-    A query counts as hit when its true match is within the top K; ties are broken
+    A query counts as hit when a true match is within the top K; ties are broken
     pessimistically (an equal score of a wrong item ranks ahead), so duplicates cannot inflate.
+    With ``captions``, every pair whose caption text equals the query's is a true match: on a set
+    whose captions repeat (class captions) "text i" is one of many identical texts, and asking
+    for exactly that one measures chance, not retrieval. Unique captions give the same numbers.
     """
     sim = img_ND.float() @ txt_ND.float().T
-    diag = sim.diagonal()
-    # rank of the true match = number of items scoring >= it, minus itself
-    i2t_rank = (sim >= diag[:, None]).sum(dim=1) - 1
-    t2i_rank = (sim >= diag[None, :]).sum(dim=0) - 1
+    if captions is None:
+        same = torch.eye(len(sim), dtype=torch.bool)
+    else:
+        ids = {c: k for k, c in enumerate(dict.fromkeys(captions))}
+        cid = torch.tensor([ids[c] for c in captions])
+        same = cid[:, None] == cid[None, :]
+    # rank of the best true match = number of wrong items scoring >= it
+    i2t_best = sim.masked_fill(~same, float("-inf")).max(dim=1).values
+    t2i_best = sim.masked_fill(~same, float("-inf")).max(dim=0).values
+    i2t_rank = ((sim >= i2t_best[:, None]) & ~same).sum(dim=1)
+    t2i_rank = ((sim >= t2i_best[None, :]) & ~same).sum(dim=0)
     out = {}
     for k in ks:
         out[f"i2t_r{k}"] = float((i2t_rank < k).float().mean())
@@ -69,15 +84,18 @@ class _TextEncoder:
 
 @torch.no_grad()
 def embed(encode: Callable, loader: Iterable[dict]) -> dict:
-    imgs, txts, labels = [], [], []
+    imgs, txts, labels, captions = [], [], [], []
     for batch in loader:
         f_img, f_txt = encode(batch["images"], batch["tokens"])
         imgs.append(f_img.float().cpu())
         txts.append(f_txt.float().cpu())
         labels.append(batch["label"].cpu())
+        captions += batch.get("captions") or []
     if not imgs:
         raise ValueError("the val set yielded no samples")
-    return {"img": torch.cat(imgs), "txt": torch.cat(txts), "label": torch.cat(labels)}
+    out = {"img": torch.cat(imgs), "txt": torch.cat(txts), "label": torch.cat(labels)}
+    out["captions"] = captions if len(captions) == len(out["img"]) else None
+    return out
 
 
 @torch.no_grad()
@@ -93,7 +111,12 @@ def evaluate_val(
     e = embed(encode, loader)
     out: dict[str, float] = {}
     if retrieval:
-        out.update({prefix + k: v for k, v in retrieval_recall(e["img"], e["txt"]).items()})
+        out.update(
+            {
+                prefix + k: v
+                for k, v in retrieval_recall(e["img"], e["txt"], captions=e["captions"]).items()
+            }
+        )
     if zeroshot is not None:
         classnames, templates = zeroshot
         templates = [t.replace("{c}", "{}") for t in templates]

@@ -452,6 +452,7 @@ class Trainer:
             img, txt, _ = self.engine.forward(images, tokens)
             return img, txt
 
+        t0 = time.perf_counter()
         metrics = evaluate_sets(
             encode,
             self.bundle.tokenizer,
@@ -470,6 +471,7 @@ class Trainer:
                 "samples_trained": self.state.samples_trained,
                 "time_s": time.time() - self._t_start,
                 **metrics,
+                "perf/eval_s": time.perf_counter() - t0,
             },
             self.state.step,
         )

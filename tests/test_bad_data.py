@@ -59,6 +59,12 @@ BAD_SAMPLES: list[tuple[str, dict, str]] = [
     ("json-uid-float", {"json": b'{"uid": 1.5}'}, "bad_uid"),
     ("json-uid-bool", {"json": b'{"uid": true}'}, "bad_uid"),
     ("json-deeply-nested", {"json": b"[" * 100_000 + b"]" * 100_000}, "bad_json"),
+    # ground truth read strictly: a string "false" is not clean, nor noisy by truthiness
+    ("noisy-string-false", {"json": b'{"uid": 4, "noisy": "false"}'}, "bad_noisy"),
+    ("noisy-string-yes", {"json": b'{"uid": 4, "noisy": "yes"}'}, "bad_noisy"),
+    ("noisy-null", {"json": b'{"uid": 4, "noisy": null}'}, "bad_noisy"),
+    ("noisy-two", {"json": b'{"uid": 4, "noisy": 2}'}, "bad_noisy"),
+    ("noisy-float", {"json": b'{"uid": 4, "noisy": 1.0}'}, "bad_noisy"),
 ]
 
 
@@ -82,13 +88,40 @@ def test_decode_counts_reason(case_id, patch, reason):
         b'{"uid": 4, "label": NaN}',
         b'{"uid": 4, "label": 1e999}',
         b'{"uid": 4, "label": "cat"}',
-        b'{"uid": 4, "noisy": "yes"}',
     ],
 )
 def test_odd_optional_fields_do_not_crash(meta):
     """Optional fields that are malformed fall back to their defaults; the sample is kept."""
     out = decode_sample(_sample(4, {"json": meta}), _preprocess)
     assert out["uid"] == 4 and isinstance(out["label"], int)
+
+
+@pytest.mark.parametrize(
+    "value,noisy", [("true", True), ("false", False), ("1", True), ("0", False), (None, False)]
+)
+def test_noisy_flag_values(value, noisy):
+    meta = {"uid": 4} if value is None else json.loads(f'{{"uid": 4, "noisy": {value}}}')
+    assert (
+        decode_sample(_sample(4, {"json": json.dumps(meta).encode()}), _preprocess)["noisy"]
+        is noisy
+    )
+
+
+def test_bad_noisy_value_is_named(capfd):
+    from pipeline.data.loader import SkipCounter
+
+    with pytest.raises(SkipSample) as err:
+        decode_sample(_sample(4, {"json": b'{"uid": 4, "noisy": "false"}'}), _preprocess)
+    assert 'noisy="false"' in str(err.value)
+    counter = SkipCounter()
+    for _ in range(3):
+        counter.skip(err.value.reason, "s-0.tar", err.value.detail)
+    assert counter.take() == {"bad_noisy": 3}
+    warned = capfd.readouterr().err.splitlines()
+    assert warned == [
+        "dissect-train: warning: shard s-0.tar: sample skipped (bad_noisy): "
+        'noisy="false" is not true/false/0/1'
+    ]
 
 
 def _write_shard(path: Path, samples: list[dict]) -> str:
@@ -125,7 +158,8 @@ def _drain(stream) -> tuple[list[int], dict, set]:
 def test_stream_skips_and_counts_every_bad_sample(tmp_path):
     good = [_sample(i, {}) for i in range(40)]
     bad = [_sample(100 + i, patch) for i, (_, patch, _) in enumerate(BAD_SAMPLES)]
-    mixed = [s for pair in zip(good[:16], bad) for s in pair] + good[16:]
+    n = len(bad)
+    mixed = [s for pair in zip(good[:n], bad) for s in pair] + good[n:]
     urls = [
         _write_shard(tmp_path / "00000.tar", mixed),
         _write_shard(tmp_path / "00001.tar", good[:8]),

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import statistics
 
 import pytest
 import yaml
@@ -27,27 +28,154 @@ def test_selection_benchmark_quick(tmp_path):
             },
             "model": {"name": "tiny-vit"},
             "optim": {"lr": 2e-3, "epochs": 8},
-            "selection": {"ratio": 0.5, "warmup_epochs": 2},
+            "selection": {"ratio": 0.5, "warmup_epochs": 1},
             "eval": {"every_steps": 10},
             "log": {"every_steps": 5, "progress": False},
         },
-        "quick": {"optim": {"epochs": 3}},
+        "quick": {"optim": {"epochs": 2}},
     }
     cfg = tmp_path / "bench.yaml"
     cfg.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    assert main(["--config", str(cfg), "--out", str(out), "--quick"]) == 0
+    argv = ["--config", str(cfg), "--out", str(out), "--quick", "--seeds", "2", "--jobs", "2"]
+    assert main(argv) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert [r["method"] for r in rows] == ["none", "dissect:memory"]
-    none, dis = rows
+    # seed-major, one row per (method, seed), each stamped with its config and code version
+    assert [(r["method"], r["seed"]) for r in rows] == [
+        ("none", "0"),
+        ("dissect:memory", "0"),
+        ("none", "1"),
+        ("dissect:memory", "1"),
+    ]
+    assert all(r["commit"] and r["config_hash"] and r["threads"] == "1" for r in rows)
+    assert rows[0]["config_hash"] != rows[2]["config_hash"]  # the seed is part of the config
+    for r in rows:  # where the time went: each part measured, within the process's wall time
+        parts = [float(r[k]) for k in ("startup_s", "eval_s", "data_s")]
+        assert all(0 <= p < float(r["proc_wall_s"]) for p in parts) and parts[1] > 0, r
+    cfg_s1 = yaml.safe_load((out / "runs" / "dissect-memory" / "s1" / "config.yaml").read_text())
+    assert cfg_s1["run"]["seed"] == 1
+    none0 = [r for r in rows if r["method"] == "none"][0]
+    dis = [r for r in rows if r["method"] == "dissect:memory"]
     # same epochs: selection trains half as many samples at r = 0.5
-    assert int(none["trained_samples"]) == 2 * int(dis["trained_samples"]) == 3 * 320
-    assert float(dis["noise_auc"]) == float(dis["noise_auc"])  # measured (not NaN) after warm-up
+    assert int(none0["trained_samples"]) == 2 * int(dis[0]["trained_samples"]) == 2 * 320
+    assert float(dis[0]["noise_auc"]) == float(dis[0]["noise_auc"])  # measured after warm-up
+    # two seeds are two trainings (init and data order differ), not one run copied
+    assert dis[0]["final"] != dis[1]["final"] or dis[0]["noise_auc"] != dis[1]["noise_auc"]
+    summary = list(csv.DictReader(open(out / "summary.csv")))
+    assert [(s["method"], s["n_seeds"]) for s in summary] == [
+        ("none", "2"),
+        ("dissect:memory", "2"),
+    ]
+    mean = sum(float(r["final"]) for r in dis) / 2
+    assert float(summary[1]["final"]) == pytest.approx(mean)
     assert (out / "curves.png").stat().st_size > 10_000
-    assert "speedup_vs_none" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "speedup_vs_none" in md and "diff_vs_random" in md and "2 seed(s)" in md
     # the none run logged its evaluations at the same per-epoch cadence (1/r more steps)
-    cfg_none = yaml.safe_load((out / "runs" / "none" / "config.yaml").read_text())
+    cfg_none = yaml.safe_load((out / "runs" / "none" / "s0" / "config.yaml").read_text())
     assert cfg_none["eval"]["every_steps"] == 20
+
+
+FINALS = {  # (method, seed) -> final metric of the fake runs below
+    ("none", 0): 0.50, ("none", 1): 0.52, ("none", 2): 0.49,
+    ("random", 0): 0.60, ("random", 1): 0.58, ("random", 2): 0.62,
+    ("oracle", 0): 0.70, ("oracle", 1): 0.68, ("oracle", 2): 0.72,
+    ("rule", 0): 0.65, ("rule", 1): 0.62, ("rule", 2): 0.69,
+}  # fmt: skip
+
+
+def fake_run(calls):
+    """run_one without training: the metrics a run would log, from FINALS."""
+
+    def run_one(run, base_file, want, nproc, timeout, threads, port):
+        calls.append((run.method, run.seed))
+        run.dir.mkdir(parents=True, exist_ok=True)
+        final = FINALS.get((run.method.split(":")[0], run.seed), 0.55)
+        rows = [
+            {"step": 1, "loss": 1.0, "samples_seen": 8, "samples_trained": 4, "time_s": 1.0,
+             "perf/step_s": 0.5, "perf/data_s": 0.1},
+            {"step": 2, "loss": 0.9, "samples_seen": 16, "samples_trained": 8, "time_s": 2.0,
+             "perf/step_s": 0.5, "perf/data_s": 0.1},
+            {"step": 2, "samples_trained": 8, "time_s": 3.0, "eval/top1": final,
+             "perf/eval_s": 1.0},
+        ]  # fmt: skip
+        (run.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run.dir / "eval.json").write_text("{}")
+        (run.dir / "bench.json").write_text(json.dumps({**want, "proc_wall_s": 5.0}))
+
+    return run_one
+
+
+def test_selection_seeds_intervals_and_versioned_reuse(tmp_path, monkeypatch):
+    import benchmarks.selection as sel
+
+    calls = []
+    monkeypatch.setattr(sel, "run_one", fake_run(calls))
+    monkeypatch.setattr(sel, "plot", lambda *a: None)
+    monkeypatch.setattr(sel, "code_version", lambda: {"commit": "c1", "dirty": False, "tree": ""})
+    spec = {
+        "metric": "eval/top1",
+        "methods": ["none", "random", "oracle", "rule:memory"],
+        "base": {"run": {"seed": 0}, "selection": {"ratio": 0.5}},
+    }
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    argv = ["--config", str(cfg), "--out", str(out), "--seeds", "3"]
+    assert sel.main(argv) == 0
+    assert len(calls) == 12
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {(r["method"], int(r["seed"])) for r in rows} == {
+        (m if m != "rule" else "rule:memory", s) for m, s in FINALS
+    }
+    assert all(r["commit"] == "c1" and r["dirty"] == "False" for r in rows)
+    assert float(rows[0]["startup_s"]) == 2.0 and float(rows[0]["eval_s"]) == 1.0
+    s = {r["method"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    # rule - random per seed: 0.05, 0.04, 0.07; t(0.975, 2) = 4.303
+    d = [0.05, 0.04, 0.07]
+    m, sd = sum(d) / 3, (sum((x - sum(d) / 3) ** 2 for x in d) / 2) ** 0.5
+    rule = s["rule:memory"]
+    assert float(rule["diff_vs_random"]) == pytest.approx(m)
+    assert float(rule["diff_lo"]) == pytest.approx(m - 4.303 * sd / 3**0.5)
+    assert float(rule["diff_hi"]) == pytest.approx(m + 4.303 * sd / 3**0.5)
+    assert rule["resolved"] == "yes"  # 0.053 +- 0.038
+    # oracle - random = 0.10 in every seed: shares 0.5, 0.4, 0.7
+    assert float(rule["oracle_gain_share"]) == pytest.approx(1.6 / 3)
+    assert float(s["oracle"]["oracle_gain_share"]) == pytest.approx(1.0)
+    # none - random: -0.10, -0.06, -0.13: resolved, below
+    assert s["none"]["resolved"] == "yes" and float(s["none"]["diff_hi"]) < 0
+    assert s["random"]["resolved"] == "–" and s["none"]["n_seeds"] == "3"
+    assert float(s["none"]["final_sd"]) == pytest.approx(statistics.stdev([0.50, 0.52, 0.49]))
+    md = (out / "results.md").read_text()
+    assert "| rule:memory | 3 | 0.653 |" in md and "code c1." in md
+
+    # the same table again: everything reused; one more seed: only the new runs
+    calls.clear()
+    assert sel.main(argv) == 0 and calls == []
+    assert sel.main([*argv[:-1], "4"]) == 0 and len(calls) == 4 and {s for _, s in calls} == {3}
+    # another config or another code version: the finished runs are not reused unseen
+    calls.clear()
+    with pytest.raises(
+        SystemExit, match="not by this config and code .*config_hash.*--rerun-stale"
+    ):
+        sel.main([*argv, "optim.lr=0.1"])
+    monkeypatch.setattr(sel, "code_version", lambda: {"commit": "c2", "dirty": True, "tree": "x"})
+    with pytest.raises(SystemExit, match="commit 'c1' != 'c2'"):
+        sel.main(argv)
+    assert calls == []
+    assert sel.main([*argv, "--rerun-stale"]) == 0 and len(calls) == 12
+    assert "code c2 (dirty)." in (out / "results.md").read_text()
+
+
+def test_t_quantiles():
+    from benchmarks.selection import interval, t975
+
+    assert t975(1) == 12.706 and t975(30) == 2.042
+    assert t975(40) == pytest.approx(2.021, abs=2e-3) and t975(120) == pytest.approx(
+        1.980, abs=2e-3
+    )
+    m, lo, hi = interval([1.0, float("nan")])
+    assert m == 1.0 and lo != lo and hi != hi  # one seed: no interval
 
 
 @pytest.mark.distributed

@@ -31,6 +31,40 @@ def test_retrieval_ties_do_not_inflate():
     assert r["i2t_r1"] == 0.0 and r["i2t_r3"] == 1.0
 
 
+def test_retrieval_with_repeated_captions_counts_the_same_text():
+    # class captions: images 0, 1 show "cat", 2, 3 "dog"; a perfect class encoder maps every cat
+    # image and text to one point. Asking for exactly text i is chance (ties, pessimistic: 0);
+    # any text equal to the query's own caption is a hit.
+    captions = ["a cat.", "a cat.", "a dog.", "a dog."]
+    img = torch.tensor([[1.0, 0], [1.0, 0], [0, 1.0], [0, 1.0]])
+    txt = img.clone()
+    assert retrieval_recall(img, txt, ks=(1,))["i2t_r1"] == 0.0
+    r = retrieval_recall(img, txt, ks=(1, 2), captions=captions)
+    assert r["i2t_r1"] == r["t2i_r1"] == 1.0
+    # an encoder that swaps the classes is not rescued by the repeats
+    r = retrieval_recall(img, txt.flip(1), ks=(1, 2), captions=captions)
+    assert r["i2t_r2"] == r["t2i_r2"] == 0.0
+    # unique captions: the same numbers as without them
+    uniq = [f"caption {i}" for i in range(4)]
+    noisy = img + 0.1 * torch.arange(8.0).view(4, 2).sin()
+    assert retrieval_recall(noisy, txt, captions=uniq) == retrieval_recall(noisy, txt)
+
+
+def test_evaluate_val_passes_the_captions_to_retrieval():
+    def encode(images, tokens):
+        feats = torch.tensor([[1.0, 0], [1.0, 0], [0, 1.0]])
+        return feats if images is not None else None, feats if tokens is not None else None
+
+    batch = {
+        "images": torch.zeros(3, 3, 2, 2),
+        "tokens": torch.zeros(3, 1, dtype=torch.int64),
+        "label": torch.tensor([0, 0, 1]),
+        "captions": ["a cat.", "a cat.", "a dog."],
+    }
+    m = evaluate_val(encode, [batch], tokenizer=None)
+    assert m["eval/i2t_r1"] == 1.0 and m["eval/samples"] == 3
+
+
 def test_zero_shot_with_a_perfect_encoder():
     """An encoder that maps image i and any text naming class c to one-hot vectors."""
     classes = ["cat", "dog", "bird"]

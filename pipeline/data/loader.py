@@ -46,7 +46,15 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 # Why samples are skipped: the metrics keys data/skipped/<reason>, summed over ranks every step.
 # Per sample (SkipSample, from decode_sample) ...
-SAMPLE_SKIP_REASONS = ("no_image", "no_json", "bad_json", "bad_uid", "empty_caption", "bad_image")
+SAMPLE_SKIP_REASONS = (
+    "no_image",
+    "no_json",
+    "bad_json",
+    "bad_uid",
+    "empty_caption",
+    "bad_image",
+    "bad_noisy",
+)
 # ... and per shard (SkipCounter: a shard that cannot be read, or is cut short)
 SHARD_SKIP_REASONS = ("unreadable_tar", "truncated_tar")
 SKIP_REASONS = SAMPLE_SKIP_REASONS + SHARD_SKIP_REASONS
@@ -59,6 +67,17 @@ class SkipSample(Exception):
         assert reason in SAMPLE_SKIP_REASONS, reason
         super().__init__(detail or reason)
         self.reason = reason
+        self.detail = detail
+
+
+def parse_noisy(meta: dict) -> bool:
+    """The json's ground-truth flag `noisy`: true/false/0/1, absent = False. Anything else (a
+    string "false", 0.5, null) is SkipSample('bad_noisy') naming the value: read by truthiness,
+    "false" would count as noisy and corrupt every noise diagnostic and the oracle."""
+    value = meta.get("noisy", False)
+    if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
+        return bool(value)
+    raise SkipSample("bad_noisy", f"noisy={json.dumps(value)} is not true/false/0/1")
 
 
 def _rng(*parts: int) -> random.Random:
@@ -177,6 +196,7 @@ class SkipCounter:
         self.read = 0  # raw samples read from tars
         self.pass_id = 0  # the pass over the shards that the current one belongs to
         self._shard_failed = False
+        self.named: set[str] = set()  # skip reasons whose first value was printed
 
     def track(self, src: Iterable[dict], stall_after: int, where: str) -> Iterator[dict]:
         """Pass shards through, noting the current one; ConfigError after ``stall_after`` barren ones."""
@@ -225,7 +245,14 @@ class SkipCounter:
         self._shard_error("unreadable_tar", f"{type(exn).__name__}: {first[:200]}")
         return True  # keep going with the next member / shard
 
-    def skip(self, reason: str, url: str) -> None:
+    def skip(self, reason: str, url: str, detail: str = "") -> None:
+        if detail and reason not in self.named:  # once per reason and worker: what the value was
+            self.named.add(reason)
+            print(
+                f"dissect-train: warning: shard {url}: sample skipped ({reason}): {detail}",
+                file=sys.stderr,
+                flush=True,
+            )
         self.counts[reason] += 1
         self.by_shard[url] += 1
 
@@ -311,7 +338,7 @@ def decode_sample(sample: dict, preprocess: Callable, draft: int = 0) -> dict:
         "caption": caption.strip(),
         "uid": meta["uid"],
         "label": int(label) if ok_label else -1,
-        "noisy": bool(meta.get("noisy", False)),
+        "noisy": parse_noisy(meta),
     }
 
 
@@ -425,7 +452,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 else:
                     items.append(decode_sample(raw, sp.preprocess, draft))
             except SkipSample as s:
-                counter.skip(s.reason, raw.get("__url__", "?"))
+                counter.skip(s.reason, raw.get("__url__", "?"), s.detail)
                 continue
             if len(items) == sp.batch_size:
                 yield batch_of(items)
