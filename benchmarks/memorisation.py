@@ -83,7 +83,13 @@ def plot(by_method: dict, out: Path, groups: tuple[str, ...], title: str) -> Non
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    styles = {"clean": "-", "noisy": "--", "swap": ":", "unrelated": "-.", "partial": (0, (1, 3))}
+    styles = {
+        "clean": "-",
+        "noisy": "--",
+        "swap": ":",
+        "unrelated": "-.",
+        "partial": (0, (3, 1, 1, 1, 1, 1)),
+    }
     for i, (method, per_group) in enumerate(sorted(by_method.items())):
         colour = f"C{i % 10}"
         for g in groups:
@@ -91,7 +97,7 @@ def plot(by_method: dict, out: Path, groups: tuple[str, ...], title: str) -> Non
                 continue
             steps, mean, lo, hi = band(per_group[g])
             n = len(per_group[g])
-            ax.plot(steps, mean, styles[g], color=colour, label=f"{method} {g} (n={n})")
+            ax.plot(steps, mean, linestyle=styles[g], color=colour, label=f"{method} {g} (n={n})")
             if n > 1:
                 ax.fill_between(steps, lo, hi, color=colour, alpha=0.15, linewidth=0)
     ax.set(xlabel="step", ylabel="mean s of trained pairs (100 * cos)", title=title)

@@ -237,17 +237,19 @@ def test_memorisation_plot_from_run_dirs(tmp_path, capsys):
         run.mkdir()
         sel = {"method": method, "history": "memory", "balance": "none"}
         (run / "config.yaml").write_text(json.dumps({"run": {"seed": seed}, "selection": sel}))
-        rows = [{"step": s, "select/train_s/clean": 30 + s, "select/train_s/noisy": 5 + rise * s}
+        rows = [{"step": s, "select/train_s/clean": 30 + s, "select/train_s/noisy": 5 + rise * s,
+                 "select/train_s/partial": 20.0}
                 for s in range(0, 50, 10)] + [{"step": 55, "eval/ret_i2t_r1": 0.1}]  # fmt: skip
         (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
     png = tmp_path / "m.png"
-    assert memorisation.main(["--runs", *map(str, tmp_path.glob("*")), "--out", str(png)]) == 0
+    runs = [str(p) for p in tmp_path.glob("*")]
+    assert memorisation.main(["--runs", *runs, "--out", str(png), "--kinds"]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
     assert (
         "none: s at first / middle / last step: clean 30.0 -> 50.0 -> 70.0; noisy 5.0 -> 27.0 -> 49.0"
         in out
     )
-    assert "dissect:memory: " in out and "noisy 5.0 -> 9.0 -> 13.0" in out
+    assert "dissect:memory: " in out and "noisy 5.0 -> 9.0 -> 13.0; partial 20.0" in out
     with pytest.raises(SystemExit, match="no run logs"):
         memorisation.main(["--runs", str(tmp_path / "none-s0" / "config.yaml"), "--out", str(png)])
