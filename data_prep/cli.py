@@ -121,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument(
         "--noise",
-        type=float,
-        default=0.0,
-        help="fraction of train captions swapped (ground truth kept)",
+        default="0",
+        metavar="SPEC",
+        help="train caption noise (ground truth kept): a rate of swapped captions, or a mix "
+        "such as swap=0.2,unrelated=0.1,partial=0.1",
     )
     p.add_argument(
         "--limit",
@@ -134,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, captions and noise")
     p.add_argument(
         "--kind",
-        choices=("single", "mosaic"),
+        choices=("single", "mosaic", "web"),
         default="single",
-        help="single items with class captions, or 2x2 mosaics with near-unique captions",
+        help="single items with class captions, 2x2 mosaics with near-unique captions, or "
+        "web-like: one tinted, sized, placed item per image with a caption unique in its split",
     )
     p.add_argument("--image-size", type=int, default=64, help="pixels")
     p.add_argument(
@@ -152,11 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="rebuild even when a complete output exists"
     )
 
-    p = add_command("noise", "copy shards with a fraction of captions swapped between samples")
+    p = add_command(
+        "noise", "copy shards with a fraction of captions made noisy, ground truth kept"
+    )
     p.add_argument("--in", dest="src", required=True, type=Path, help="clean shard folder")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--rate", required=True, type=float, help="fraction of captions swapped")
-    p.add_argument("--seed", type=int, default=0, help="seed of which samples and donors")
+    p.add_argument(
+        "--kind",
+        default="swap",
+        metavar="KIND|MIX",
+        help="swap (another sample's caption), unrelated (text about nothing in the set) or "
+        "partial (one item or attribute wrong), with --rate; or a mix without --rate, such as "
+        "swap=0.2,unrelated=0.1,partial=0.1",
+    )
+    p.add_argument("--rate", type=float, default=None, help="fraction of captions of --kind")
+    p.add_argument("--seed", type=int, default=0, help="seed of which samples, donors, words")
 
     p = add_command("inspect", "counts, labels, noise and example captions of a shard folder")
     p.add_argument("dir", type=Path, help="a shard folder, or a folder of shard folders")
@@ -214,10 +226,11 @@ def _shard(args) -> int:
 def _demo(args) -> int:
     from data_prep.demo import build_demo
     from data_prep.fmnist import FMNIST_DIR
+    from data_prep.noise import parse_mix
 
     summary = build_demo(
         args.out,
-        noise=args.noise,
+        noise=parse_mix(args.noise),
         limit=args.limit,
         seed=args.seed,
         kind=args.kind,
@@ -228,7 +241,7 @@ def _demo(args) -> int:
     )
     state = "reused" if summary["reused"] else f"built in {summary['built_s']}s"
     print(
-        f"demo ({summary['kind']}, noise {summary['noise']:.0%}, seed {summary['seed']}) in {args.out}: {state}"
+        f"demo ({summary['kind']}, noise {summary['noise_spec']}, seed {summary['seed']}) in {args.out}: {state}"
     )
     for name, s in summary["splits"].items():
         noisy = f", {s['noisy']} noisy" if s["noisy"] else ""
@@ -241,11 +254,26 @@ def _demo(args) -> int:
     return 0
 
 
+def noise_mix(kind: str, rate: float | None) -> dict[str, float]:
+    """`noise --kind K --rate R`, or `--kind K1=R1,K2=R2` without --rate."""
+    from data_prep.noise import KINDS, parse_mix
+
+    if "=" in kind:
+        if rate is not None:
+            raise DataPrepError(f"--kind {kind} gives the rates itself; drop --rate")
+        return parse_mix(kind)
+    if kind not in KINDS:
+        raise DataPrepError(f"--kind must be one of {', '.join(KINDS)} or a mix, got {kind!r}")
+    if rate is None:
+        raise DataPrepError(f"--kind {kind} needs --rate (or give a mix: {kind}=0.2,...)")
+    return parse_mix(f"{kind}={rate}")
+
+
 def _noise(args) -> int:
     from data_prep.noise import inject_noise
     from dissect_common.manifest import summary_lines
 
-    manifest = inject_noise(args.src, args.out, rate=args.rate, seed=args.seed)
+    manifest = inject_noise(args.src, args.out, mix=noise_mix(args.kind, args.rate), seed=args.seed)
     print("\n".join(summary_lines(manifest, args.out)))
     return 0
 

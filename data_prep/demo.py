@@ -4,12 +4,17 @@ as web data: write the images as PNG files, serve them on 127.0.0.1, shard the u
 
 Layout of `out/` (`kind="single"`):
   train_clean/  the shards img2dataset wrote (0% noise; a clean baseline for free)
-  train/        train_clean with `noise` of the captions swapped (json `noisy` on every sample)
+  train/        train_clean with `noise` of the captions noisy (json `noisy` and `noise_kind` on
+                every sample; a rate swaps captions, a mix {kind: rate} also makes unrelated
+                and partial ones, see data_prep/noise.py)
   val/          clean test-split items, with classnames.txt and templates.txt (zero-shot)
   demo.json     the settings and, per split, sample count and a webdataset shard spec
 `kind="mosaic"`: train_clean/ and train/ hold 2x2 mosaics (label -1, json `items` = the four
 labels in reading order), val/ clean test-split mosaics for retrieval, val_single/ single
 test items with classnames.txt and templates.txt for zero-shot.
+`kind="web"` (data_prep/web.py): the same three folders, with one tinted, sized, placed item
+per image and a caption unique in its split (json `item`, `colour`, `background`, `position`,
+`size`); val_single/ holds items in the plain look (large, white, centred, on black).
 
 Every split folder has its own manifest.json whose `build` records what made it; a re-run
 keeps any split whose manifest is complete with the same `build`, so changing only the noise
@@ -35,13 +40,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from data_prep import DataPrepError, fmnist
-from data_prep.noise import inject_noise
+from data_prep import DataPrepError, fmnist, web
+from data_prep.noise import check_mix, inject_noise, mix_label
 from data_prep.shard import shard_urls
 from dissect_common.manifest import brace_spec, read_manifest
 
-KINDS = ("single", "mosaic")
+KINDS = ("single", "mosaic", "web")
 MOSAIC_VAL_MAX = 5000  # retrieval over more candidates costs eval time and adds little signal
+WEB_VAL_MAX = 2000  # retrieval candidates of the web kind
 MIN_SUCCESS = 0.99  # a local server should deliver everything; below this something is broken
 
 
@@ -51,7 +57,7 @@ class Split:
 
     folder: str  # output subfolder
     source: str  # fmnist split: train | test
-    kind: str  # single | mosaic
+    kind: str  # single | mosaic | web | web_single
     count: int
     stream: int  # rng stream id, so splits draw independently of each other
     zeroshot: bool = False  # write classnames.txt / templates.txt beside it
@@ -69,6 +75,13 @@ def plan_splits(kind: str, limit: int | None) -> list[Split]:
         fmnist.SPLIT_SIZES["train"] if limit is None else min(limit, fmnist.SPLIT_SIZES["train"])
     )
     n_val = val_count(limit)
+    if kind == "web":  # one caption per attribute combination: at most web.COMBOS per split
+        n_train = web.COMBOS if limit is None else limit
+        return [
+            Split("train_clean", "train", "web", n_train, 0),
+            Split("val", "test", "web", min(n_val, WEB_VAL_MAX), 1),
+            Split("val_single", "test", "web_single", n_val, 2, zeroshot=True),
+        ]
     if kind == "single":
         return [
             Split("train_clean", "train", "single", n_train, 0),
@@ -89,7 +102,7 @@ def samples_per_shard(count: int) -> int:
 def build_demo(
     out: str | Path,
     *,
-    noise: float = 0.0,
+    noise: float | dict[str, float] = 0.0,
     limit: int | None = None,
     seed: int = 0,
     kind: str = "single",
@@ -103,8 +116,12 @@ def build_demo(
         raise DataPrepError(f"kind must be one of {KINDS}, got {kind!r}")
     if limit is not None and limit < 1:
         raise DataPrepError(f"limit must be >= 1, got {limit}")
-    if not 0.0 <= noise < 1.0:
-        raise DataPrepError(f"noise must be in [0, 1), got {noise}")
+    mix = dict(noise) if isinstance(noise, dict) else {"swap": noise}
+    check_mix(mix)
+    if sum(mix.values()) >= 1.0:
+        raise DataPrepError(f"noise must be in [0, 1), got {sum(mix.values()):g} in all")
+    # a swap-only build records the bare rate, as before the other kinds: old outputs stay reusable
+    noise_key = mix["swap"] if set(mix) == {"swap"} else {k: v for k, v in mix.items() if v}
     fmnist.check_source(source_dir)
     given, out = Path(out), Path(out).absolute()  # specs in demo.json keep the path as given
     started = time.time()
@@ -121,7 +138,7 @@ def build_demo(
         s.folder: {**settings, "split": s.folder, "source": s.source, "count": s.count}
         for s in splits
     }
-    noise_build = {**builds["train_clean"], "split": "train", "noise": noise}
+    noise_build = {**builds["train_clean"], "split": "train", "noise": noise_key}
     todo = [s for s in splits if force or not _is_built(out / s.folder, builds[s.folder])]
     for s in splits:
         if s not in todo:
@@ -153,14 +170,22 @@ def build_demo(
     )
     if renoise:
         print(
-            f"dissect-prep demo: injecting {noise:.0%} caption noise into {out / 'train'}",
+            f"dissect-prep demo: injecting caption noise ({mix_label(mix) or 'none'}) "
+            f"into {out / 'train'}",
             flush=True,
         )
-        inject_noise(out / "train_clean", out / "train", rate=noise, seed=seed, build=noise_build)
+        inject_noise(out / "train_clean", out / "train", mix=mix, seed=seed, build=noise_build)
     else:
         print(f"dissect-prep demo: reusing {out / 'train'} (complete, same settings)", flush=True)
 
-    summary = {**settings, "noise": noise, "classnames": list(fmnist.CLASSNAMES), "splits": {}}
+    summary = {
+        **settings,
+        "noise": sum(mix.values()),
+        "noise_mix": mix,
+        "noise_spec": mix_label(mix) or "0",
+        "classnames": list(fmnist.CLASSNAMES),
+        "splits": {},
+    }
     for folder in ["train"] + [s.folder for s in splits]:
         m = read_manifest(out / folder)
         summary["splits"][folder] = {
@@ -204,7 +229,20 @@ def _build_split(
     rng = np.random.default_rng([seed, s.stream])
     images, labels = fmnist.load_split(s.source, source_dir)
     table = {}
-    if s.kind == "single":
+    extra_cols: tuple[str, ...] = ()
+    zeroshot_templates = fmnist.ZEROSHOT_TEMPLATES
+    if s.kind == "web":
+        images, table["caption"], combos = web.make_web(images, labels, s.count, rng)
+        table["label"] = np.full(s.count, -1, dtype=np.int64)  # the caption is the target
+        attrs = web.attribute_columns(combos)
+        table.update(attrs)
+        extra_cols = tuple(attrs)
+    elif s.kind == "web_single":
+        images, labels = web.make_single(images, labels, s.count, rng)
+        table["caption"] = [web.ZEROSHOT_TEMPLATES[0].format(fmnist.CLASSNAMES[c]) for c in labels]
+        table["label"] = labels
+        zeroshot_templates = web.ZEROSHOT_TEMPLATES
+    elif s.kind == "single":
         pick = rng.permutation(len(labels))[: s.count]
         images, labels = images[pick], labels[pick]
         table["caption"] = fmnist.single_captions(labels, rng)
@@ -214,6 +252,7 @@ def _build_split(
         table["caption"] = fmnist.mosaic_captions(items, rng)
         table["label"] = np.full(s.count, -1, dtype=np.int64)  # a mosaic has no single class
         table["items"] = items.tolist()
+        extra_cols = ("items",)
 
     img_dir = work / s.folder
     img_dir.mkdir(parents=True)
@@ -227,7 +266,7 @@ def _build_split(
     manifest = shard_urls(
         url_list,
         out / s.folder,
-        extra_cols=("items",) if s.kind == "mosaic" else (),
+        extra_cols=extra_cols,
         image_size=image_size,
         resize_mode="border",
         samples_per_shard=samples_per_shard(s.count),
@@ -246,7 +285,7 @@ def _build_split(
         )
     if s.zeroshot:
         (out / s.folder / "classnames.txt").write_text("\n".join(fmnist.CLASSNAMES) + "\n")
-        (out / s.folder / "templates.txt").write_text("\n".join(fmnist.ZEROSHOT_TEMPLATES) + "\n")
+        (out / s.folder / "templates.txt").write_text("\n".join(zeroshot_templates) + "\n")
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -23,7 +23,8 @@ kind "download" adds:
                  shard has every downloaded row's status and error_message
   params         the img2dataset settings used; duration_s
 kind "noise" adds:
-  source         the clean shard folder; noise: {"rate", "seed", "realised_rate", "tolerance"}
+  source         the clean shard folder; noise: {"rate" (all kinds), "mix" and "counts" (per
+                 kind: swap, unrelated, partial), "seed", "realised_rate", "tolerance"}
 """
 
 from __future__ import annotations
@@ -217,9 +218,11 @@ def summary_lines(manifest: dict, folder: str | Path) -> list[str]:
             )
     if manifest["kind"] == "noise":
         nz = manifest["noise"]
+        kinds = ", ".join(f"{v} {k}" for k, v in nz.get("counts", {}).items() if v) or "none"
         lines.append(
-            f"  noise       {manifest['noisy']} of {manifest['total']} captions swapped "
-            f"(rate {nz['realised_rate']:.4f}, asked {nz['rate']}, seed {nz['seed']}) from {manifest['source']}"
+            f"  noise       {manifest['noisy']} of {manifest['total']} captions noisy ({kinds}; "
+            f"rate {nz['realised_rate']:.4f}, asked {nz['rate']:g}, seed {nz['seed']}) "
+            f"from {manifest['source']}"
         )
     if manifest.get("label_counts"):
         lines.append(

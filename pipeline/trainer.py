@@ -41,6 +41,7 @@ from pipeline.evaluate import describe, evaluate_sets
 from pipeline.metrics import make_sink, truncate_metrics_after
 from pipeline.model import build_model, check_model_name
 from pipeline.selection import Selector
+from pipeline.selection import diagnostics as diag
 
 
 class TrainingError(RuntimeError):
@@ -151,8 +152,13 @@ class StepRunner:
         t0 = time.perf_counter()
         img, txt, scale = self.engine.forward(batch["images"], batch["tokens"])
         loss = self.loss_fn(img, txt, scale)
-        # every rank must agree to skip, or the collectives in backward would hang
-        ok = int(all_reduce_sum(torch.isfinite(loss.detach()).float().reshape(1)).item()) == W
+        # every rank must agree to skip, or the collectives in backward would hang; the trained
+        # pairs' agreement (clean vs noisy: memorisation) rides in the same all-reduce
+        pairs = diag.train_pair_sums(img, txt, batch)
+        finite = torch.isfinite(loss.detach()).float().reshape(1).to(pairs.device)
+        summed = all_reduce_sum(torch.cat([finite, pairs])).cpu()
+        ok = int(summed[0].item()) == W
+        metrics.update(diag.train_pair_stats(summed[1:]))
         if ok:
             self.engine.backward_step(loss)
         else:

@@ -441,7 +441,7 @@ def test_noise_and_inspect_cli(tmp_path, capfd):
     assert main(["noise", "--in", str(tmp_path / "clean"), "--out", str(tmp_path / "noisy"),
                  "--rate", "0.25", "--seed", "3"]) == 0  # fmt: skip
     out = capfd.readouterr().out
-    assert "25 of 100 captions swapped" in out
+    assert "25 of 100 captions noisy (25 swap;" in out
 
     assert main(["inspect", str(tmp_path / "noisy")]) == 0
     out = capfd.readouterr().out

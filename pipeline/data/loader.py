@@ -58,6 +58,9 @@ SAMPLE_SKIP_REASONS = (
 # ... and per shard (SkipCounter: a shard that cannot be read, or is cut short)
 SHARD_SKIP_REASONS = ("unreadable_tar", "truncated_tar")
 SKIP_REASONS = SAMPLE_SKIP_REASONS + SHARD_SKIP_REASONS
+# json `noise_kind` -> batch["noise_kind"] (-1: absent or unknown); diagnostics only
+NOISE_KINDS = ("clean", "swap", "unrelated", "partial")
+NOISE_KIND_INDEX = {kind: i for i, kind in enumerate(NOISE_KINDS)}
 
 
 class SkipSample(Exception):
@@ -336,6 +339,7 @@ def decode_sample(sample: dict, preprocess: Callable, draft: int = 0) -> dict:
     return {
         "image": image,
         "caption": caption.strip(),
+        "noise_kind": NOISE_KIND_INDEX.get(str(meta.get("noise_kind")), -1),
         "uid": meta["uid"],
         "label": int(label) if ok_label else -1,
         "noisy": parse_noisy(meta),
@@ -350,6 +354,7 @@ def collate(items: list[dict], tokenizer: Callable) -> dict:
         "uid": torch.tensor([it["uid"] for it in items], dtype=torch.int64),
         "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
         "noisy": torch.tensor([it["noisy"] for it in items], dtype=torch.bool),
+        "noise_kind": torch.tensor([it["noise_kind"] for it in items], dtype=torch.int64),
         "captions": captions,
     }
 

@@ -1,5 +1,6 @@
-"""Selection diagnostics: noise AUC, kept-label entropy, the most-rejected pairs grid, and the
-report that writes them (step scalars, TensorBoard histograms and image, parquet sample log).
+"""Selection diagnostics: noise AUC, kept fractions per noise kind, kept-label entropy, the
+agreement of the trained clean and noisy pairs, the most-rejected pairs grid, and the report
+that writes them (step scalars, TensorBoard histograms and image, parquet sample log).
 
 Shapes: B super-batch rows per rank, G = W * B gathered rows (rank-major).
 """
@@ -12,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from pipeline.data.loader import NOISE_KINDS
+from pipeline.selection.methods import correlation
 
 
 def rank_auc(pos_scores: np.ndarray, neg_scores: np.ndarray) -> float:
@@ -88,11 +92,41 @@ def step_stats(
         stats["select/superbatch_noisy_frac"] = float(g.noisy.float().mean())
         stats["select/kept_noisy_frac"] = float(g.noisy[kept_G].float().mean())
         stats["select/noise_auc"] = noise_auc(key_G, g.noisy, largest)
+    if g.noise_kind is not None:
+        for i, kind in enumerate(NOISE_KINDS):
+            rows = g.noise_kind == i
+            if rows.any() and (g.noise_kind != i).any():  # one kind alone says nothing new
+                stats[f"select/kept_frac/{kind}"] = float(kept_G[rows].float().mean())
     if (g.label >= 0).any():
         stats["select/kept_label_entropy"] = kept_label_entropy(g.label, kept_G)
     if scored:
         stats["select/s_mean"] = float(g.s.mean())
     return stats
+
+
+# The trained pairs' agreement, per group: all clean, all noisy, then each noise kind.
+PAIR_GROUPS = ("clean", "noisy", *NOISE_KINDS[1:])
+
+
+def train_pair_sums(img_ND: torch.Tensor, txt_ND: torch.Tensor, batch: dict) -> torch.Tensor:
+    """[sum of s, count] per PAIR_GROUPS of the rows just trained, flat [2 * groups] float32 on
+    the features' device: s = correlation of the training forward's own features (no extra
+    forward), so `none` shows memorisation too. Summed over ranks by the caller (in the step's
+    one all-reduce), then `train_pair_stats`."""
+    s_N = correlation(img_ND.detach(), txt_ND.detach())
+    noisy = batch["noisy"].to(s_N.device)
+    kind = batch.get("noise_kind", torch.full_like(batch["uid"], -1)).to(s_N.device)
+    masks = torch.stack([~noisy, noisy, *(kind == i for i in range(1, len(NOISE_KINDS)))])
+    return torch.stack([(masks * s_N).sum(1), masks.sum(1).float()], dim=1).flatten()
+
+
+def train_pair_stats(sums: torch.Tensor) -> dict:
+    """select/train_s/<group>: the mean s of each group's trained rows (groups with rows)."""
+    out = {}
+    for group, (total, n) in zip(PAIR_GROUPS, sums.view(-1, 2).tolist()):  # one host copy
+        if n:
+            out[f"select/train_s/{group}"] = total / n
+    return out
 
 
 class SelectionReport:

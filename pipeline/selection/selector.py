@@ -154,7 +154,8 @@ class Selector:
         return True, self.scorer.features(batch["images"], batch["tokens"])
 
     def _gather(self, batch: dict, scored: bool, feats_B, h_B) -> Gathered:
-        """(uid, s, h, noisy, label) of every rank's rows: one [B, 5] float64 all-gather."""
+        """(uid, s, h, noisy, label, noise kind) of every rank's rows: one [B, 6] float64
+        all-gather."""
         B = self.B
         s_B = correlation(feats_B[0], feats_B[1]).cpu() if scored else torch.zeros(B)
         h_B = h_B if h_B is not None else torch.zeros(B)
@@ -165,6 +166,7 @@ class Selector:
                 h_B.double(),
                 batch["noisy"].double(),
                 batch["label"].double(),
+                batch.get("noise_kind", torch.full((B,), -1)).double(),
             ],
             dim=1,
         )
@@ -177,6 +179,7 @@ class Selector:
             label=x[:, 4].long(),
             rank=self.dist.rank,
             B=B,
+            noise_kind=x[:, 5].long(),
         )
 
     def _draws(self, step: int, G: int) -> tuple[torch.Tensor, torch.Tensor]:

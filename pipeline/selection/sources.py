@@ -42,6 +42,7 @@ class Gathered:
     label: torch.Tensor  # [G] int64, -1 when unknown: diagnostics only
     rank: int
     B: int
+    noise_kind: torch.Tensor | None = None  # [G] int64 index into NOISE_KINDS, -1 unknown
 
     def mine(self) -> slice:
         """This rank's rows in the gathered order."""

@@ -77,7 +77,7 @@ def plan_rebalance(kept_G: torch.Tensor, world: int, b: int) -> RebalancePlan:
     return RebalancePlan(keep_local=keep_local, send_local=send, moved=moved)
 
 
-TENSOR_KEYS = ("images", "tokens", "uid", "label", "noisy")
+TENSOR_KEYS = ("images", "tokens", "uid", "label", "noisy", "noise_kind")  # those present travel
 
 
 def apply_rebalance(batch: dict, plan: RebalancePlan, rank: int, world: int) -> dict:
@@ -91,7 +91,7 @@ def apply_rebalance(batch: dict, plan: RebalancePlan, rank: int, world: int) -> 
     send_counts = plan.counts(rank)
     recv_counts = [len(plan.send_local[s][rank]) for s in range(world)]
     out = {}
-    for k in TENSOR_KEYS:
+    for k in (k for k in TENSOR_KEYS if k in batch):
         x = batch[k]
         ix_dev = keep.to(x.device)
         if world > 1 and plan.moved > 0:
