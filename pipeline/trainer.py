@@ -1,6 +1,6 @@
 """The training loop: load super-batch -> select -> step -> log -> evaluate -> checkpoint.
 
-    plan = plan_run(cfg, init_distributed(cfg.deepspeed.timeout_s))
+    plan = plan_run(cfg, init_distributed(cfg.deepspeed.timeout_s))  # the one set-up per start
     result = plan.stored_result if plan.finished else Trainer(cfg, plan).train()
 
 All ranks run the same loop (same step count per epoch, same collectives); rank 0 writes the
@@ -35,7 +35,7 @@ from pipeline.data import (
     max_uid,
     zeroshot_meta,
 )
-from pipeline.dist import DistInfo, barrier, broadcast_object, init_distributed
+from pipeline.dist import DistInfo, barrier, broadcast_object
 from pipeline.engine import Engine, write_ds_config
 from pipeline.evaluate import describe, evaluate_sets
 from pipeline.metrics import make_sink, truncate_metrics_after
@@ -69,8 +69,22 @@ def validate_paths(cfg: Config) -> list[str]:
             zeroshot_meta(cfg.data.val)  # raises on a malformed templates.txt
         except ConfigError as err:
             raise ConfigError(f"data.val: {err}") from None
-    ckpt.resolve(cfg.checkpoint.resume, Path(cfg.run.dir) / "checkpoints")  # a bad path fails here
     return urls
+
+
+def resolve_resume(cfg: Config, dist: DistInfo) -> tuple[Path, str] | None:
+    """Where the job resumes, decided once: rank 0 resolves ``checkpoint.resume`` and every rank
+    gets its answer (or its error), so ranks starting a moment apart never disagree."""
+    where, err = None, None
+    if dist.is_main:
+        try:
+            where = ckpt.resolve(cfg.checkpoint.resume, Path(cfg.run.dir) / "checkpoints")
+        except ConfigError as e:
+            err = str(e)
+    where, err = broadcast_object((where, err))
+    if err:
+        raise ConfigError(err)
+    return where
 
 
 class TrainState:
@@ -174,8 +188,10 @@ class RunPlan:
 
     One resume decision per job: rank 0 resolves ``checkpoint.resume`` and broadcasts it, so
     ranks starting a moment apart (while another rewrites a checkpoint) can never disagree.
+    ``dist``: the process group the plan was made in (set up once per start, in train.main).
     """
 
+    dist: DistInfo
     urls: list[str]  # the train shards
     samples: int  # per epoch
     steps_per_epoch: int
@@ -206,15 +222,14 @@ def plan_run(cfg: Config, dist: DistInfo) -> RunPlan:
     total = math.ceil(cfg.optim.epochs * steps_per_epoch)
     total_steps = min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
     run_dir = Path(cfg.run.dir)
-    where = ckpt.resolve(cfg.checkpoint.resume, run_dir / "checkpoints") if dist.is_main else None
-    where = broadcast_object(where)
+    where = resolve_resume(cfg, dist)
     # a run whose last checkpoint is its last step and that wrote its result is not rebuilt
     step = ckpt.step_of(where[1]) if where else None
     result, weights = run_dir / "eval.json", run_dir / "model.pt"
     stored = None
     if step is not None and step >= total_steps and result.is_file() and weights.is_file():
         stored = json.loads(result.read_text())
-    return RunPlan(urls, samples, steps_per_epoch, total_steps, where, stored)
+    return RunPlan(dist, urls, samples, steps_per_epoch, total_steps, where, stored)
 
 
 class Trainer:
@@ -223,7 +238,7 @@ class Trainer:
     def __init__(self, cfg: Config, plan: RunPlan):
         assert not plan.finished, "a finished run has nothing to train (plan.stored_result)"
         self.cfg = cfg
-        self.dist = init_distributed(cfg.deepspeed.timeout_s)  # the group plan_run joined
+        self.dist = plan.dist
         d, W = self.dist, self.dist.world_size
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
