@@ -198,6 +198,11 @@ class RunPlan:
     total_steps: int
     resume_from: tuple[Path, str] | None  # (checkpoints dir, tag), or None: a fresh start
     stored_result: dict | None  # eval.json of a run already at its last step, else None
+    saved_world: int | None = None  # ranks that wrote resume_from (None: a fresh start)
+
+    @property
+    def world_changed(self) -> bool:
+        return self.saved_world is not None and self.saved_world != self.dist.world_size
 
     @property
     def resume_step(self) -> int | None:
@@ -223,13 +228,31 @@ def plan_run(cfg: Config, dist: DistInfo) -> RunPlan:
     total_steps = min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
     run_dir = Path(cfg.run.dir)
     where = resolve_resume(cfg, dist)
+    saved_world = ckpt.saved_world(where[0] / where[1]) if where else None
+    if saved_world not in (None, W):
+        total_steps = _steps_after_world_change(
+            cfg, where[0] / where[1], saved_world, W, steps_per_epoch
+        )
     # a run whose last checkpoint is its last step and that wrote its result is not rebuilt
     step = ckpt.step_of(where[1]) if where else None
     result, weights = run_dir / "eval.json", run_dir / "model.pt"
     stored = None
     if step is not None and step >= total_steps and result.is_file() and weights.is_file():
         stored = json.loads(result.read_text())
-    return RunPlan(dist, urls, samples, steps_per_epoch, total_steps, where, stored)
+    return RunPlan(dist, urls, samples, steps_per_epoch, total_steps, where, stored, saved_world)
+
+
+def _steps_after_world_change(
+    cfg: Config, step_dir: Path, old_world: int, world: int, steps_per_epoch: int
+) -> int:
+    """The run's last step when it continues on ``world`` ranks from a checkpoint of
+    ``old_world``: the step counter (and the learning-rate schedule) carries over, and the
+    optim.epochs still to go take this world's steps per epoch (its global batch differs)."""
+    c = ckpt.saved_counters(step_dir)
+    in_epoch = c["step_in_epoch"] * old_world // world  # as elastic.restart_epoch rescales it
+    left = math.ceil((cfg.optim.epochs - c["epoch"]) * steps_per_epoch) - in_epoch
+    total = c["step"] + max(left, 0)
+    return min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
 
 
 class Trainer:
@@ -282,7 +305,7 @@ class Trainer:
         barrier()
         self.sink = make_sink(self.run_dir, d.is_main, cfg.log.tensorboard)
         if plan.resume_from is not None:
-            self._resume(plan.resume_from)
+            self._resume(plan)
 
     # --- resume / checkpoint ------------------------------------------------------------------------
 
@@ -306,12 +329,16 @@ class Trainer:
             st["selector"] = self.selector
         return st
 
-    def _resume(self, where: tuple[Path, str]) -> None:
+    def _resume(self, plan: RunPlan) -> None:
+        where = plan.resume_from
+        if plan.world_changed:
+            self._print(self._world_change_line(plan))
         sd = ckpt.load(self.engine, where, self.dist)
         self.state.load_state_dict(sd["train_state"])
         if self.selector is not None:
             self.selector.load_state_dict(sd.get("selector") or {})
-        ckpt.set_rng_state(sd["rng"])
+        if sd["rng"] is not None:  # None: a rank the checkpoint did not have keeps its seed
+            ckpt.set_rng_state(sd["rng"])
         self.start_step = self.state.step
         if self.dist.is_main:  # what a killed run logged after this checkpoint is replayed now
             truncate_metrics_after(self.run_dir, self.state.step)
@@ -319,6 +346,20 @@ class Trainer:
                 if int(part.stem.split("-")[1]) > self.state.step:
                     part.unlink()
         self._print(f"resumed from {where[0] / where[1]} at step {self.state.step}")
+
+    def _world_change_line(self, plan: RunPlan) -> str:
+        old, W, b = plan.saved_world, self.dist.world_size, self.cfg.data.batch_size
+        how = (
+            "model and optimizer through a universal checkpoint"
+            if self.engine.partitioned_checkpoint(plan.resume_from[0] / plan.resume_from[1])
+            else "model and optimizer as saved (not partitioned)"
+        )
+        return (
+            f"checkpoint from {old} ranks, resuming on {W}: {how}; selection state resharded; "
+            "data order restarts within the epoch; global batch "
+            f"{old * b} -> {W * b} (data.batch_size={b} is per rank); the learning-rate "
+            f"schedule continues at step {plan.resume_step} and ends at step {self.total_steps}"
+        )
 
     def save_checkpoint(self) -> None:
         """Save this step's checkpoint, unless it is the one just saved or resumed from: a complete
