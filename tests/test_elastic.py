@@ -253,15 +253,17 @@ def elastic_shards(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("stage,history,to", [(1, "memory", 1), (2, "ema", 3), (3, "ema", 1)])
-def test_resume_on_another_world_size(elastic_shards, tmp_path, stage, history, to):
+@pytest.mark.parametrize(
+    "stage,history,to,also", [(1, "memory", 1, None), (2, "ema", 3, None), (3, "ema", 1, 3)]
+)
+def test_resume_on_another_world_size(elastic_shards, tmp_path, stage, history, to, also):
     """2 ranks stop at step 5 (mid-epoch, after warm-up), resume on ``to`` ranks for 2 steps,
     then on 2 again: each start loads exactly what the run before it saved (weights, Adam
-    moments, every uid's stored score, the historical weights), and the loss keeps falling."""
+    moments, every uid's stored score, the historical weights), and the loss keeps falling.
+    ``also``: one more world size resumed from a copy of the step-5 checkpoint."""
     run = tmp_path / "run"
     common = [
         f"data.train={elastic_shards}",
-        f"run.dir={run}",
         f"deepspeed.zero_stage={stage}",
         "selection.method=dissect",
         f"selection.history={history}",
@@ -277,13 +279,20 @@ def test_resume_on_another_world_size(elastic_shards, tmp_path, stage, history, 
         "log.progress=false",
         "selection.log_samples=false",
     ]
-    first = run_ranks(_rank_run, 2, ([*common, "run.stop_after_steps=5"],), timeout=300)[0]
+    here = [*common, f"run.dir={run}"]
+    first = run_ranks(_rank_run, 2, ([*here, "run.stop_after_steps=5"],), timeout=300)[0]
     saved = first["final"]
     ckpts = run / "checkpoints"
+    if also:
+        shutil.copytree(run, tmp_path / "also")
+        other = [*common, f"run.dir={tmp_path / 'also'}", "checkpoint.resume=latest"]
+        res = run_ranks(_rank_run, also, ([*other, "run.stop_after_steps=6"],), timeout=300)[0]
+        _same(res["loaded"], saved, f"2 -> {also}")
+        assert res["final"]["step"] == 6
     moved = run_ranks(
         _rank_run,
         to,
-        ([*common, "checkpoint.resume=latest", "run.stop_after_steps=7"],),
+        ([*here, "checkpoint.resume=latest", "run.stop_after_steps=7"],),
         timeout=300,
     )[0]
     _same(moved["loaded"], saved, f"2 -> {to}")
@@ -291,7 +300,7 @@ def test_resume_on_another_world_size(elastic_shards, tmp_path, stage, history, 
     back = run_ranks(
         _rank_run,
         2,
-        ([*common, "checkpoint.resume=latest", "run.stop_after_steps=9"],),
+        ([*here, "checkpoint.resume=latest", "run.stop_after_steps=9"],),
         timeout=300,
     )[0]
     _same(back["loaded"], moved["final"], f"{to} -> 2")
