@@ -238,7 +238,7 @@ def _convert(engine: Engine, step_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
             f"{step_dir} cannot be converted to a universal checkpoint "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); resume it "
+            f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); resume it "
             "on the world size that wrote it"
         ) from None
 
@@ -274,11 +274,20 @@ def load(engine: Engine, where: tuple[Path, str], dist: DistInfo) -> dict:
     if old == dist.world_size:
         engine.load(parent, tag)
         return state_of(dist.rank)
-    if engine.partitioned_checkpoint(step_dir):
-        ensure_universal(engine, step_dir, dist)
-        engine.load(step_dir, UNIVERSAL, universal=True)
-    else:
-        engine.load(parent, tag)
+    try:
+        if engine.partitioned_checkpoint(step_dir):
+            ensure_universal(engine, step_dir, dist)
+            engine.load(step_dir, UNIVERSAL, universal=True)
+        else:
+            engine.load(parent, tag)
+    except CheckpointError:
+        raise
+    except Exception as err:  # DeepSpeed's loader: missing parameter files, numel mismatches
+        raise CheckpointError(
+            f"{step_dir} (from {old} ranks) does not load into this model on {dist.world_size} "
+            f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); was it written by "
+            "another model.name or deepspeed.zero_stage?"
+        ) from None
     return elastic.reshard_state(
         state_of, old, dist.rank, dist.world_size, engine.partition_numels()
     )

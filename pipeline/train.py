@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"dissect-train: config error: {err}", file=sys.stderr)
         return 2
+    except ckpt.CheckpointError as err:
+        print(f"dissect-train: cannot resume: {err}", file=sys.stderr)
+        return 2
     except (TrainingError, StoreRangeError) as err:
         print(f"dissect-train: stopped: {err}", file=sys.stderr)
         return 3
