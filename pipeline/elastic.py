@@ -120,11 +120,13 @@ def reshard_state(
     numels: list[int] | None,
 ) -> dict:
     """This rank's state dict (as checkpoint.load returns it) from the ``old_world`` ranks'
-    files; ``load(r)`` reads old rank r's. Files are read one at a time."""
+    files; ``load(r)`` reads old rank r's. Each file is read once, and only rank 0's and this
+    rank's are held whole."""
     first = load(0)
+    mine = first if rank == 0 else load(rank) if rank < old_world else None
     out = {k: v for k, v in first.items() if k not in ("selector", "rng", "train_state")}
     out["train_state"] = restart_epoch(first["train_state"], old_world, world)
-    out["rng"] = load(rank)["rng"] if rank < old_world else None
+    out["rng"] = mine["rng"] if mine is not None else None
     sel = first.get("selector")
     if sel:
         sel = dict(sel)
@@ -133,7 +135,7 @@ def reshard_state(
         stores: dict[str, list[dict]] = {k: [] for k in sharded}
         weights: list[dict] = []
         for r in range(old_world if sharded or partitioned else 0):
-            theirs = (first if r == 0 else load(r))["selector"]  # keep only what is resharded
+            theirs = (first if r == 0 else mine if r == rank else load(r))["selector"]
             for k in sharded:
                 stores[k].append(theirs[k])
             if partitioned:

@@ -95,7 +95,11 @@ def test_reshard_state_2_to_3(zero3):
         loaded.append(r)
         return _rank_file(r, 2, zero3, numels)
 
-    got = [elastic.reshard_state(load, 2, r, 3, numels if zero3 else None) for r in range(3)]
+    got = []
+    for r in range(3):
+        loaded.clear()
+        got.append(elastic.reshard_state(load, 2, r, 3, numels if zero3 else None))
+        assert sorted(loaded) == [0, 1], loaded  # every old file once
     assert [g["rng"] for g in got] == [{"rank": 0}, {"rank": 1}, None]  # rank 2 is new
     for g in got:
         ts = g["train_state"]
