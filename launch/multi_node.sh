@@ -20,6 +20,11 @@
 #     the job (default "dissect"; use a distinct one for each job sharing an endpoint).
 #     G defaults to the local GPU count (NPROC without GPUs, default 2).
 #
+# Another number of machines or GPUs than the checkpoint's: restart with checkpoint.resume=latest
+# on the new hostfile / --nnodes / --nproc-per-node; the first start converts the checkpoint to
+# DeepSpeed's universal format once and reshards the selection state (one log line says so).
+# data.batch_size is per rank: the global batch follows the rank count.
+#
 # Options take "--opt VALUE" or "--opt=VALUE", with - or _ (--master_addr works too). The first
 # argument that is not an option is the config; everything after it goes to the trainer
 # untouched. The hostfile and config are checked before anything starts (see launch/env.sh),

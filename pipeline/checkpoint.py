@@ -5,15 +5,24 @@ Layout under ``<run>/checkpoints/``:
     step_00000100/state_rank{r}.pt   per-rank state: trainer counters, loader position, RNG,
                                      score-store shard, historical-weight partitions
     step_00000100/COMPLETE    written by rank 0 after every rank finished writing
+    step_00000100/universal/  DeepSpeed's universal checkpoint of this step, made on the first
+                              resume with another world size (``universal/DONE`` names the step)
     latest                    the tag of the newest COMPLETE checkpoint (atomic replace)
 
 Write, then publish: ``latest`` moves only after the barrier that follows every rank's
 writes, so a crash during a save leaves the previous checkpoint as latest. Retention deletes
 only complete checkpoints older than the newest ``keep`` and never the one ``latest`` names.
+
+Resume on another world size (a requeue on fewer nodes, a job grown to more GPUs): rank 0
+converts the step's ZeRO partitions into a universal checkpoint once (into a temporary folder,
+renamed into place only when complete, so a conversion killed midway is never used) while the
+other ranks wait; every rank loads it, and rebuilds its own state from all ranks' state files
+(pipeline.elastic).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -23,8 +32,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from pipeline import elastic
 from pipeline.config import ConfigError
-from pipeline.dist import DistInfo, barrier
+from pipeline.dist import DistInfo, barrier, broadcast_object
 
 if (
     TYPE_CHECKING
@@ -32,6 +42,12 @@ if (
     from pipeline.engine import Engine
 
 COMPLETE = "COMPLETE"
+UNIVERSAL = "universal"  # subfolder of a step: its DeepSpeed universal checkpoint
+UNIVERSAL_DONE = "DONE"  # inside it, written last: the tag it was converted from
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from here; the message says why, in one line."""
 
 
 def tag_for(step: int) -> str:
@@ -108,6 +124,8 @@ def save(engine: Engine, ckpt_dir: Path, step: int, states: dict, dist: DistInfo
     # old marker must go first, or a crash mid-write leaves COMPLETE on a mix of old and new
     # files. Every rank unlinks before writing; COMPLETE comes back only after the barrier below.
     (ckpt_dir / tag / COMPLETE).unlink(missing_ok=True)
+    if dist.is_main:  # a universal copy of the old contents would outlive them
+        shutil.rmtree(ckpt_dir / tag / UNIVERSAL, ignore_errors=True)
     engine.save(ckpt_dir, tag, client_state={"step": step})
     mine = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in states.items()}
     mine["rng"] = rng_state()
@@ -157,13 +175,119 @@ def resolve(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
     return p.parent, p.name
 
 
-def load(engine: Engine, where: tuple[Path, str], dist: DistInfo) -> dict:
-    """Load DeepSpeed state and return this rank's state dict (trainer, selector, rng ...)."""
-    parent, tag = where
-    engine.load(parent, tag)
-    path = parent / tag / f"state_rank{dist.rank}.pt"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: was the checkpoint written with another world size?"
+def saved_world(step_dir: Path) -> int:
+    """How many ranks wrote the checkpoint (its ``state_rank{r}.pt`` files, r = 0..W-1)."""
+    ranks = sorted(
+        int(p.stem.removeprefix("state_rank"))
+        for p in step_dir.glob("state_rank*.pt")
+        if p.stem.removeprefix("state_rank").isdigit()
+    )
+    if not ranks or ranks != list(range(len(ranks))):
+        raise CheckpointError(
+            f"{step_dir} has state files of ranks {ranks or 'none'}, not 0..W-1: an incomplete copy"
         )
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return len(ranks)
+
+
+def saved_counters(step_dir: Path) -> dict:
+    """Rank 0's trainer counters (step, epoch, step_in_epoch ...) without loading the rest."""
+    sd = torch.load(step_dir / "state_rank0.pt", map_location="cpu", weights_only=False, mmap=True)
+    return dict(sd["train_state"])
+
+
+def _universal_tag(out: Path) -> str | None:
+    done = out / UNIVERSAL_DONE
+    return done.read_text().strip() if done.is_file() else None
+
+
+def _convert(engine: Engine, step_dir: Path) -> None:
+    """Rank 0: write ``step_dir/universal`` unless a complete one for this step is there."""
+    out = step_dir / UNIVERSAL
+    made_from = _universal_tag(out)
+    if made_from == step_dir.name:
+        return
+    if made_from is not None:
+        raise CheckpointError(
+            f"{out} was converted from {made_from}, not {step_dir.name}; delete it and resume again"
+        )
+    for old in step_dir.glob(UNIVERSAL + ".tmp*"):  # a conversion killed midway
+        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)  # no DONE: never used
+    need = 2 * sum(p.stat().st_size for p in step_dir.glob("*.pt"))  # fragments + merged
+    free = shutil.disk_usage(step_dir).free
+    if free < need:
+        raise CheckpointError(
+            f"converting {step_dir} to a universal checkpoint needs about {need / 2**30:.2f} GiB, "
+            f"{free / 2**30:.2f} GiB are free there; free space and resume again"
+        )
+    tmp = step_dir / f"{UNIVERSAL}.tmp{os.getpid()}"
+    try:
+        engine.to_universal(step_dir, tmp)
+        _atomic_write(tmp / UNIVERSAL_DONE, step_dir.name + "\n")
+        _fsync_tree(tmp)
+        os.replace(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(
+                f"no disk space left converting {step_dir} to a universal checkpoint; free space "
+                "and resume again"
+            ) from None
+        raise
+    except Exception as err:  # DeepSpeed's converter: asserts, KeyErrors, shape mismatches
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"{step_dir} cannot be converted to a universal checkpoint "
+            f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); resume it "
+            "on the world size that wrote it"
+        ) from None
+
+
+def ensure_universal(engine: Engine, step_dir: Path, dist: DistInfo) -> Path:
+    """Rank 0 converts (once per step), the other ranks wait; all raise the same error."""
+    err = None
+    if dist.is_main:
+        try:
+            _convert(engine, step_dir)
+        except CheckpointError as e:
+            err = str(e)
+    err = broadcast_object(err)  # also the wait: nobody reads the folder before it is complete
+    if err:
+        raise CheckpointError(err)
+    return step_dir / UNIVERSAL
+
+
+def load(engine: Engine, where: tuple[Path, str], dist: DistInfo) -> dict:
+    """Load DeepSpeed state and return this rank's state dict (trainer, selector, rng ...).
+
+    From a checkpoint of another world size: model and optimizer through a universal
+    checkpoint (ZeRO 1-3; a ZeRO-0 fp32 checkpoint is not partitioned and loads as it is), the
+    rest resharded from every rank's state file (pipeline.elastic); ``rng`` is None on a rank
+    the checkpoint did not have."""
+    parent, tag = where
+    step_dir = parent / tag
+    old = saved_world(step_dir)
+
+    def state_of(r: int) -> dict:
+        return torch.load(step_dir / f"state_rank{r}.pt", map_location="cpu", weights_only=False)
+
+    if old == dist.world_size:
+        engine.load(parent, tag)
+        return state_of(dist.rank)
+    try:
+        if engine.partitioned_checkpoint(step_dir):
+            ensure_universal(engine, step_dir, dist)
+            engine.load(step_dir, UNIVERSAL, universal=True)
+        else:
+            engine.load(parent, tag)
+    except CheckpointError:
+        raise
+    except Exception as err:  # DeepSpeed's loader: missing parameter files, numel mismatches
+        raise CheckpointError(
+            f"{step_dir} (from {old} ranks) does not load into this model on {dist.world_size} "
+            f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); was it written by "
+            "another model.name or deepspeed.zero_stage?"
+        ) from None
+    return elastic.reshard_state(
+        state_of, old, dist.rank, dist.world_size, engine.partition_numels()
+    )

@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -35,15 +36,18 @@ from deepspeed.utils import logger as _ds_logger  # noqa: E402
 _ds_logger.setLevel(logging.WARNING)
 
 
-class _DropEarlyLrWarning(logging.Filter):
-    """DeepSpeed reads the lr once while building the engine, before the scheduler's first step,
-    and warns about its own read ("Attempting to get learning rate ... before it has started")."""
+class _DropSelfInflictedWarnings(logging.Filter):
+    """DeepSpeed warnings about its own doings, not the user's: it reads the lr once while
+    building the engine, before the scheduler's first step ("Attempting to get learning rate
+    ... before it has started"); loading a universal checkpoint without tensor parallelism it
+    says so, once per rank ("MPU is not provided, setting tp size to 1")."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "before it has started" not in record.getMessage()
+        msg = record.getMessage()
+        return "before it has started" not in msg and "MPU is not provided" not in msg
 
 
-_ds_logger.addFilter(_DropEarlyLrWarning())
+_ds_logger.addFilter(_DropSelfInflictedWarnings())
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -258,11 +262,94 @@ class Engine:
             str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False
         )
 
-    def load(self, ckpt_dir: str | Path, tag: str) -> dict:
-        path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+    def load(self, ckpt_dir: str | Path, tag: str, universal: bool = False) -> dict:
+        """``universal``: ``ckpt_dir/tag`` is a universal checkpoint (see `to_universal`), which
+        loads on any world size. DeepSpeed reads that switch from its config only while loading,
+        so it is set for this call rather than in the run's ds_config."""
+        self.ds._config.load_universal_checkpoint = universal
+        try:
+            path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+        finally:
+            self.ds._config.load_universal_checkpoint = False
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {ckpt_dir}")
         return client_state
+
+    def to_universal(self, step_dir: Path, out: Path) -> None:
+        """DeepSpeed's ds_to_universal: the step's ZeRO partitions -> per-parameter fp32 weights
+        and optimizer moments under ``out``, loadable on any world size. In this process, one
+        worker (no process pool); its progress chatter goes nowhere.
+
+        Our checkpoints carry no UNIVERSAL_CHECKPOINT_INFO (it holds tensor/pipeline-parallel
+        merge rules; data parallel alone needs none), so it is supplied where DeepSpeed injects
+        missing state, with one rule: 0-dim parameters (CLIP's logit_scale) are "replicated",
+        i.e. taken as they are. The default merge concatenates slices, which a 0-dim tensor
+        cannot be (RuntimeError "zero-dimensional tensor ... cannot be concatenated"). A ZeRO-0
+        bf16/fp16 or ZeRO 1-3 checkpoint converts; a checkpoint of another model fails here or
+        in `load` (shapes), and the caller turns that into one line.
+        """
+        from argparse import Namespace
+        from unittest import mock
+
+        from deepspeed.checkpoint import ds_to_universal as ds2u
+        from deepspeed.checkpoint.constants import (
+            TP_REPLICATED_PARAMETER_PATTERNS,
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
+        names = [
+            n
+            for n, p in self.module.named_parameters()
+            if len(getattr(p, "ds_shape", p.shape)) == 0
+        ]
+        scalars = [re.escape(n) + "$" for n in names]
+
+        def inject(ckpt) -> None:
+            info = ckpt.global_state.get(UNIVERSAL_CHECKPOINT_INFO) or {}
+            ckpt.global_state[UNIVERSAL_CHECKPOINT_INFO] = info
+            info.setdefault(UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+            info.setdefault(TP_REPLICATED_PARAMETER_PATTERNS, scalars)
+
+        args = Namespace(
+            input_folder=str(step_dir),
+            output_folder=str(out),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )
+        quiet = io.StringIO()
+        with (
+            mock.patch.object(ds2u, "_inject_missing_state", inject),
+            contextlib.redirect_stdout(quiet),
+            contextlib.redirect_stderr(quiet),  # tqdm bars
+        ):
+            ds2u.main(args)
+        # ... and loading chunks every tensor along dim 0, which a 0-dim one lacks ("chunk
+        # expects at least a 1-dimensional tensor"): stored as [1], it loads into the scalar
+        from deepspeed.checkpoint.constants import PARAM
+
+        for name in names:
+            for f in (out / "zero" / name).glob("*.pt"):
+                sd = torch.load(f, map_location="cpu", weights_only=False)
+                if isinstance(sd, dict) and torch.is_tensor(sd.get(PARAM)) and sd[PARAM].dim() == 0:
+                    sd[PARAM] = sd[PARAM].reshape(1)
+                    torch.save(sd, f)
+
+    @staticmethod
+    def partitioned_checkpoint(step_dir: Path) -> bool:
+        """Whether the checkpoint holds per-rank optimizer partitions (ZeRO 1-3, or bf16/fp16
+        at ZeRO 0); a ZeRO-0 fp32 checkpoint holds one whole optimizer state any world loads."""
+        return any(step_dir.glob("*optim_states.pt"))
+
+    def partition_numels(self) -> list[int] | None:
+        """Every parameter's full size when parameters are partitioned (ZeRO-3), else None."""
+        if self.zero_stage != 3:
+            return None
+        return [p.ds_numel for p in self.module.parameters()]
 
     # --- parameter partitions (historical model) -----------------------------------------------
 

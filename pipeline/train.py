@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from pipeline import _env
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"dissect-train: config error: {err}", file=sys.stderr)
         return 2
+    from pipeline import checkpoint as ckpt
     from pipeline.dist import init_distributed
     from pipeline.selection.store import StoreRangeError
     from pipeline.trainer import Trainer, TrainingError, plan_run, validate_paths
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.check:
             validate_paths(cfg)
+            ckpt.resolve(cfg.checkpoint.resume, Path(cfg.run.dir) / "checkpoints")  # a bad path
             print(f"config ok: run.dir={cfg.run.dir}")
             return 0
         dist = init_distributed(cfg.deepspeed.timeout_s)
@@ -56,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         Trainer(cfg, plan).train()
     except ConfigError as err:
         print(f"dissect-train: config error: {err}", file=sys.stderr)
+        return 2
+    except ckpt.CheckpointError as err:
+        print(f"dissect-train: cannot resume: {err}", file=sys.stderr)
         return 2
     except (TrainingError, StoreRangeError) as err:
         print(f"dissect-train: stopped: {err}", file=sys.stderr)

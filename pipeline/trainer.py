@@ -1,6 +1,6 @@
 """The training loop: load super-batch -> select -> step -> log -> evaluate -> checkpoint.
 
-    plan = plan_run(cfg, init_distributed(cfg.deepspeed.timeout_s))
+    plan = plan_run(cfg, init_distributed(cfg.deepspeed.timeout_s))  # the one set-up per start
     result = plan.stored_result if plan.finished else Trainer(cfg, plan).train()
 
 All ranks run the same loop (same step count per epoch, same collectives); rank 0 writes the
@@ -35,7 +35,7 @@ from pipeline.data import (
     max_uid,
     zeroshot_meta,
 )
-from pipeline.dist import DistInfo, barrier, broadcast_object, init_distributed
+from pipeline.dist import DistInfo, barrier, broadcast_object
 from pipeline.engine import Engine, write_ds_config
 from pipeline.evaluate import describe, evaluate_sets
 from pipeline.metrics import make_sink, truncate_metrics_after
@@ -70,8 +70,22 @@ def validate_paths(cfg: Config) -> list[str]:
             zeroshot_meta(cfg.data.val)  # raises on a malformed templates.txt
         except ConfigError as err:
             raise ConfigError(f"data.val: {err}") from None
-    ckpt.resolve(cfg.checkpoint.resume, Path(cfg.run.dir) / "checkpoints")  # a bad path fails here
     return urls
+
+
+def resolve_resume(cfg: Config, dist: DistInfo) -> tuple[Path, str] | None:
+    """Where the job resumes, decided once: rank 0 resolves ``checkpoint.resume`` and every rank
+    gets its answer (or its error), so ranks starting a moment apart never disagree."""
+    where, err = None, None
+    if dist.is_main:
+        try:
+            where = ckpt.resolve(cfg.checkpoint.resume, Path(cfg.run.dir) / "checkpoints")
+        except ConfigError as e:
+            err = str(e)
+    where, err = broadcast_object((where, err))
+    if err:
+        raise ConfigError(err)
+    return where
 
 
 class TrainState:
@@ -180,14 +194,21 @@ class RunPlan:
 
     One resume decision per job: rank 0 resolves ``checkpoint.resume`` and broadcasts it, so
     ranks starting a moment apart (while another rewrites a checkpoint) can never disagree.
+    ``dist``: the process group the plan was made in (set up once per start, in train.main).
     """
 
+    dist: DistInfo
     urls: list[str]  # the train shards
     samples: int  # per epoch
     steps_per_epoch: int
     total_steps: int
     resume_from: tuple[Path, str] | None  # (checkpoints dir, tag), or None: a fresh start
     stored_result: dict | None  # eval.json of a run already at its last step, else None
+    saved_world: int | None = None  # ranks that wrote resume_from (None: a fresh start)
+
+    @property
+    def world_changed(self) -> bool:
+        return self.saved_world is not None and self.saved_world != self.dist.world_size
 
     @property
     def resume_step(self) -> int | None:
@@ -212,15 +233,32 @@ def plan_run(cfg: Config, dist: DistInfo) -> RunPlan:
     total = math.ceil(cfg.optim.epochs * steps_per_epoch)
     total_steps = min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
     run_dir = Path(cfg.run.dir)
-    where = ckpt.resolve(cfg.checkpoint.resume, run_dir / "checkpoints") if dist.is_main else None
-    where = broadcast_object(where)
+    where = resolve_resume(cfg, dist)
+    saved_world = ckpt.saved_world(where[0] / where[1]) if where else None
+    if saved_world not in (None, W):
+        total_steps = _steps_after_world_change(
+            cfg, where[0] / where[1], saved_world, W, steps_per_epoch
+        )
     # a run whose last checkpoint is its last step and that wrote its result is not rebuilt
     step = ckpt.step_of(where[1]) if where else None
     result, weights = run_dir / "eval.json", run_dir / "model.pt"
     stored = None
     if step is not None and step >= total_steps and result.is_file() and weights.is_file():
         stored = json.loads(result.read_text())
-    return RunPlan(urls, samples, steps_per_epoch, total_steps, where, stored)
+    return RunPlan(dist, urls, samples, steps_per_epoch, total_steps, where, stored, saved_world)
+
+
+def _steps_after_world_change(
+    cfg: Config, step_dir: Path, old_world: int, world: int, steps_per_epoch: int
+) -> int:
+    """The run's last step when it continues on ``world`` ranks from a checkpoint of
+    ``old_world``: the step counter (and the learning-rate schedule) carries over, and the
+    optim.epochs still to go take this world's steps per epoch (its global batch differs)."""
+    c = ckpt.saved_counters(step_dir)
+    in_epoch = c["step_in_epoch"] * old_world // world  # as elastic.restart_epoch rescales it
+    left = math.ceil((cfg.optim.epochs - c["epoch"]) * steps_per_epoch) - in_epoch
+    total = c["step"] + max(left, 0)
+    return min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
 
 
 class Trainer:
@@ -229,7 +267,7 @@ class Trainer:
     def __init__(self, cfg: Config, plan: RunPlan):
         assert not plan.finished, "a finished run has nothing to train (plan.stored_result)"
         self.cfg = cfg
-        self.dist = init_distributed(cfg.deepspeed.timeout_s)  # the group plan_run joined
+        self.dist = plan.dist
         d, W = self.dist, self.dist.world_size
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -273,7 +311,7 @@ class Trainer:
         barrier()
         self.sink = make_sink(self.run_dir, d.is_main, cfg.log.tensorboard)
         if plan.resume_from is not None:
-            self._resume(plan.resume_from)
+            self._resume(plan)
 
     # --- resume / checkpoint ------------------------------------------------------------------------
 
@@ -297,12 +335,16 @@ class Trainer:
             st["selector"] = self.selector
         return st
 
-    def _resume(self, where: tuple[Path, str]) -> None:
+    def _resume(self, plan: RunPlan) -> None:
+        where = plan.resume_from
+        if plan.world_changed:
+            self._print(self._world_change_line(plan))
         sd = ckpt.load(self.engine, where, self.dist)
         self.state.load_state_dict(sd["train_state"])
         if self.selector is not None:
             self.selector.load_state_dict(sd.get("selector") or {})
-        ckpt.set_rng_state(sd["rng"])
+        if sd["rng"] is not None:  # None: a rank the checkpoint did not have keeps its seed
+            ckpt.set_rng_state(sd["rng"])
         self.start_step = self.state.step
         if self.dist.is_main:  # what a killed run logged after this checkpoint is replayed now
             truncate_metrics_after(self.run_dir, self.state.step)
@@ -310,6 +352,20 @@ class Trainer:
                 if int(part.stem.split("-")[1]) > self.state.step:
                     part.unlink()
         self._print(f"resumed from {where[0] / where[1]} at step {self.state.step}")
+
+    def _world_change_line(self, plan: RunPlan) -> str:
+        old, W, b = plan.saved_world, self.dist.world_size, self.cfg.data.batch_size
+        how = (
+            "model and optimizer through a universal checkpoint"
+            if self.engine.partitioned_checkpoint(plan.resume_from[0] / plan.resume_from[1])
+            else "model and optimizer as saved (not partitioned)"
+        )
+        return (
+            f"checkpoint from {old} ranks, resuming on {W}: {how}; selection state resharded; "
+            "data order restarts within the epoch; global batch "
+            f"{old * b} -> {W * b} (data.batch_size={b} is per rank); the learning-rate "
+            f"schedule continues at step {plan.resume_step} and ends at step {self.total_steps}"
+        )
 
     def save_checkpoint(self) -> None:
         """Save this step's checkpoint, unless it is the one just saved or resumed from: a complete

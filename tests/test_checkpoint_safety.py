@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from procutil import kill_all, run_cmd, start_cmd, torchrun
+from procutil import run_cmd, torchrun
 from shardutil import write_digit_shards
 
 from pipeline import checkpoint as ckpt
@@ -234,46 +233,31 @@ def test_resume_skips_a_save_that_never_finished(shards, tmp_path):
     assert ckpt.latest_tag(ck) == "step_00000010"
 
 
-def _kill_mid_save(p, ck: Path, min_complete: int, deadline_s: float) -> tuple[str | None, bool]:
-    """SIGKILL the run as soon as a checkpoint dir exists without COMPLETE (after
-    ``min_complete`` finished ones). Returns (that tag, whether it was still incomplete)."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end and p.poll() is None:
-        if ck.is_dir() and len(ckpt.complete_tags(ck)) >= min_complete:
-            open_ = [
-                e.name
-                for e in os.scandir(ck)
-                if e.is_dir() and not os.path.exists(os.path.join(e.path, ckpt.COMPLETE))
-            ]
-            if open_:
-                kill_all(p, signal.SIGKILL)
-                tag = max(open_)
-                return tag, not (ck / tag / ckpt.COMPLETE).exists()
-        time.sleep(0.002)
-    kill_all(p, signal.SIGKILL)
-    return None, False
-
-
 def _snapshot(run: Path) -> dict:
     return {str(p): p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
 
 
 def _kill_and_resume(shards: Path, tmp_path: Path, total: int, nproc: int, *extra: str) -> None:
+    """Killed inside the save of step 3 (tests/savekill.py: after every rank's files, before
+    COMPLETE), then resumed: step 2 is latest, the run finishes, step 3 is written again."""
     run = tmp_path / "run"
     ck = run / "checkpoints"
     args = (f"optim.max_steps={total}", "checkpoint.every_steps=1", "checkpoint.keep=2", *extra)
-    p = start_cmd(_cmd(shards, run, *args, nproc=nproc), tmp_path / "first.log")
-    tag, mid_save = _kill_mid_save(p, ck, min_complete=2, deadline_s=120)
-    assert p.returncode == -signal.SIGKILL or p.returncode != 0, (
-        tmp_path / "first.log"
-    ).read_text()[-3000:]
-    assert tag is not None, "no checkpoint was being written before the deadline"
-    print(f"killed while writing {tag} (still incomplete after the kill: {mid_save})")
+    marker = tmp_path / "killed_in_save"
+    cmd = _cmd(shards, run, *args, nproc=nproc)
+    at = cmd.index("-m")  # the same run through the hook script
+    hooked = [*cmd[:at], str(Path(__file__).with_name("savekill.py")), "3", str(marker)]
+    p = run_cmd([*hooked, *cmd[at + 2 :]], 180)
+    assert p.returncode != 0, p.stderr[-3000:]
+    assert marker.is_file() and marker.read_text() == "step_00000003", p.stderr[-3000:]
+    tag = "step_00000003"
+    assert (ck / tag / "state_rank0.pt").is_file()  # its files were written ...
+    assert not (ck / tag / ckpt.COMPLETE).exists()  # ... and the kill landed before COMPLETE
     before = _snapshot(run)
     time.sleep(1.0)
     assert _snapshot(run) == before, "something of the killed run is still writing"
     good = ckpt.latest_tag(ck)
-    assert good is not None and good != (tag if mid_save else None)
+    assert good == "step_00000002"
     assert (ck / good / ckpt.COMPLETE).is_file()
 
     p2 = run_cmd(_cmd(shards, run, *args, "checkpoint.resume=latest", nproc=nproc), 180)

@@ -92,8 +92,9 @@ def _procs(pids_file) -> list[psutil.Process]:
 def test_slurm_sbatch_two_nodes_and_requeued_resume(shards, tmp_path):
     """slurm.sbatch end to end, srun faked: one torchrun per "node", c10d rendezvous on localhost.
 
-    The second start has SLURM_RESTART_COUNT=1 (what a requeue sets) and resumes from the first
-    start's checkpoint through the checkpoint.resume=latest the script always passes.
+    The second start has SLURM_RESTART_COUNT=1 (what a requeue sets), gets one node instead of
+    two, and resumes from the first start's checkpoint on the new world size through the
+    checkpoint.resume=latest the script always passes.
     """
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -136,8 +137,16 @@ def test_slurm_sbatch_two_nodes_and_requeued_resume(shards, tmp_path):
     assert [p.name for p in logs] == ["4242.r0-node0-node0.log", "4242.r0-node1-node1.log"]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
 
-    # the restart skips the config check (the batch host may not see the data): logs go to LOG_DIR
-    env.update(SLURM_RESTART_COUNT="1", DISSECT_CHECK="0", LOG_DIR=str(run_dir / "logs"))
+    # the restart skips the config check (the batch host may not see the data): logs go to LOG_DIR.
+    # It comes back on 1 node (sbatch --nodes=1-2 after a node failure): the 2-rank ZeRO-2
+    # checkpoint resumes on 1 rank
+    env.update(
+        SLURM_RESTART_COUNT="1",
+        DISSECT_CHECK="0",
+        LOG_DIR=str(run_dir / "logs"),
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_JOB_NODELIST="node0",
+    )
     second = run(
         ["bash", LAUNCH / "slurm.sbatch", CONFIG, *args, "optim.max_steps=6"],
         110,
@@ -150,8 +159,11 @@ def test_slurm_sbatch_two_nodes_and_requeued_resume(shards, tmp_path):
     )  # after the user's overrides
     node_logs = "".join(p.read_text() for p in (run_dir / "logs").glob("4242.r1-node*.log"))
     assert "resumed from" in node_logs and "at step 4" in node_logs
+    assert "checkpoint from 2 ranks, resuming on 1: model and optimizer through a universal" in (
+        node_logs
+    )
     rows = [r for r in metrics_rows(run_dir) if "loss" in r]
-    assert rows[-1]["step"] == 6 and rows[-1]["samples_seen"] == 6 * 2 * 32
+    assert rows[-1]["step"] == 6 and rows[-1]["samples_seen"] == 4 * 2 * 32 + 2 * 32
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
 
 
