@@ -10,6 +10,8 @@ A new method is one small function here and one line in METHODS. Inputs (G gathe
                no selection rule may read it, nor the labels
     gate       the run's SplitGate, given to a method with gated=True (state kept across steps)
     uid_G, visits  sample ids and the run's VisitMean, for a method with needs_visits=True
+    rule, seed     the run's rule object (rules.MixtureRule, state kept across steps) and the
+                   step's seed for its draws, for a method with rule=True
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.selection.names import SELECTION_METHODS
+from pipeline.selection.rules import RULES, MixtureRule
 from pipeline.selection.store import ScoreStore
 
 
@@ -35,6 +39,8 @@ class ScoreInputs:
     gate: SplitGate | None = None  # methods with gated=True
     uid_G: torch.Tensor | None = None
     visits: VisitMean | None = None  # methods with needs_visits=True
+    rule: MixtureRule | None = None  # methods with rule=True
+    seed: int = 0  # the step's seed (rule draws), equal on every rank
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class Method:
     needs_truth: bool = False  # reads the ground-truth noisy flag: benchmarks only
     gated: bool = False  # filters only while a SplitGate says the noise split is real
     needs_visits: bool = False  # averages a per-sample value over visits (VisitMean)
+    rule: bool = False  # a rules.MixtureRule object owns the key (and loss weights, InfoBatch)
 
 
 def correlation(img_ND: torch.Tensor, txt_ND: torch.Tensor) -> torch.Tensor:
@@ -231,6 +238,10 @@ class VisitMean:
         self.store.load_state_dict(sd)
 
 
+def _rule(x: ScoreInputs) -> torch.Tensor:
+    return x.rule.key(x)
+
+
 METHODS: dict[str, Method] = {
     "random": Method(_random, largest=True),
     "clipscore": Method(_clipscore, largest=True, needs_s=True),
@@ -242,5 +253,8 @@ METHODS: dict[str, Method] = {
     "filter_visits": Method(
         _filter_visits, largest=True, needs_feats=True, gated=True, needs_visits=True
     ),
+    **{name: Method(_rule, largest=True, needs_feats=True, rule=True) for name in RULES},
     "oracle": Method(_oracle, largest=True, needs_truth=True),
 }
+# the config validates selection.method against names.SELECTION_METHODS: the same set
+assert set(METHODS) == set(SELECTION_METHODS) - {"none"}, set(METHODS) ^ set(SELECTION_METHODS)

@@ -91,7 +91,7 @@ def apply_rebalance(batch: dict, plan: RebalancePlan, rank: int, world: int) -> 
     send_counts = plan.counts(rank)
     recv_counts = [len(plan.send_local[s][rank]) for s in range(world)]
     out = {}
-    for k in TENSOR_KEYS:
+    for k in TENSOR_KEYS + (("weight",) if "weight" in batch else ()):  # InfoBatch loss weights
         x = batch[k]
         ix_dev = keep.to(x.device)
         if world > 1 and plan.moved > 0:
