@@ -5,10 +5,12 @@ resume) are in test_select_selector.py, end to end under ZeRO-3 in test_select_e
 import itertools
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from pipeline.loss import WeightedClipLoss
 from pipeline.selection.methods import METHODS, ScoreInputs, per_sample_clip_loss
@@ -36,6 +38,13 @@ def test_config_method_names_are_the_registry():
     code = "import sys, pipeline.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_bench_configs_name_registered_methods():
+    for path in sorted(Path(__file__).parents[1].glob("configs/bench/*.yaml")):
+        for spec in yaml.safe_load(path.read_text())["methods"]:
+            name = spec.split("+")[0].split(":")[0]
+            assert name in SELECTION_METHODS, (path.name, spec)
 
 
 def _classes(G=48, C=4, D=16, seed=0):
