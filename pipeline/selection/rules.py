@@ -1,8 +1,9 @@
 """Rules that keep the hard clean pairs, decided without a threshold measured on one dataset.
 
 Shapes: G gathered rows, D feature dim, F mixture features (1 or 2), K mixture components.
-Everything runs on the gathered super-batch in CPU float64, so every rank computes the same
-numbers with no communication beyond the stores' one all-reduce per read.
+Everything runs on the gathered super-batch in float64 (the [G, G] similarities on the features'
+device, the per-row values and mixtures on the CPU), so every rank computes the same numbers with
+no communication beyond the stores' all-reduces.
 
 The parts (each with its source; docs/_incoming/issue19.md has the reasons):
 - ``same_caption``: rows whose text features are (nearly) identical are not negatives of each
@@ -49,7 +50,7 @@ def fn_aware_loss(
     caption are not negatives of each other (their logits are masked out). [G] float64"""
     logits = float(logit_scale) * img_GD.double() @ txt_GD.double().T
     logits = logits.masked_fill(same_GG, float("-inf"))
-    target = torch.arange(logits.shape[0])
+    target = torch.arange(logits.shape[0], device=logits.device)
     li = torch.nn.functional.cross_entropy(logits, target, reduction="none")
     lt = torch.nn.functional.cross_entropy(logits.T, target, reduction="none")
     return 0.5 * (li + lt)
@@ -62,7 +63,8 @@ def margin(img_GD: torch.Tensor, txt_GD: torch.Tensor, same_GG: torch.Tensor) ->
         torch.nn.functional.normalize(txt_GD.double(), dim=-1).T
     )
     own = cos.diagonal().clone()
-    other = cos.masked_fill(same_GG | torch.eye(cos.shape[0], dtype=torch.bool), float("-inf"))
+    eye = torch.eye(cos.shape[0], dtype=torch.bool, device=cos.device)
+    other = cos.masked_fill(same_GG | eye, float("-inf"))
     best = other.max(dim=1).values
     return own - torch.where(torch.isfinite(best), best, torch.zeros_like(best))
 
@@ -77,7 +79,7 @@ def structure_consistency(
     (softmax at ``temperature``, self excluded): high when both have the same neighbours. [G]"""
     i = torch.nn.functional.normalize(img_GD.double(), dim=-1)
     t = torch.nn.functional.normalize(txt_GD.double(), dim=-1)
-    eye = torch.eye(i.shape[0], dtype=torch.bool)
+    eye = torch.eye(i.shape[0], dtype=torch.bool, device=i.device)
     a = torch.softmax((i @ i.T / temperature).masked_fill(eye, float("-inf")), dim=1)
     b = torch.softmax((t @ t.T / temperature).masked_fill(eye, float("-inf")), dim=1)
     return torch.nn.functional.cosine_similarity(a, b, dim=1)
@@ -337,16 +339,16 @@ class MixtureRule:
         loss itself [G]) of the gathered rows; high evidence = noisy."""
         img, txt, scale = x.feats
         same = same_caption(txt, self.opt.same_caption_cos)
-        loss = fn_aware_loss(img, txt, scale, same)
+        loss = fn_aware_loss(img, txt, scale, same).cpu()
         z_loss = standardise_min(box_cox(loss), x.cluster_G, self.opt.min_cluster_rows)
         cols = []
         if "loss" in self.features:
             cols.append(z_loss)
         if "gsc" in self.features:
             temp = self.opt.gsc_temperature or 1.0 / float(scale)
-            cols.append(-standardise_min(structure_consistency(img, txt, temp), None, 2))
+            cols.append(-standardise_min(structure_consistency(img, txt, temp).cpu(), None, 2))
         if "trend" in self.features:
-            cols.append(margin_evidence(*self.trend(x.uid_G, margin(img, txt, same))))
+            cols.append(margin_evidence(*self.trend(x.uid_G, margin(img, txt, same).cpu())))
         return torch.stack(cols, dim=1), z_loss, loss
 
     def key(self, x) -> torch.Tensor:
