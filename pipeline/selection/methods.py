@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.selection.names import SELECTION_METHODS
-from pipeline.selection.rules import RULES, MixtureRule
+from pipeline.selection.rules import RULES, MixtureRule, RunningGate
 from pipeline.selection.store import ScoreStore
 
 
@@ -137,7 +137,7 @@ def fit_mixture(z_G: torch.Tensor, iters: int = 30) -> Mixture:
     return Mixture(resp[:, int(torch.argmin(mu))], separation)
 
 
-class SplitGate:
+class SplitGate(RunningGate):
     """Whether there is noise to filter: are the loss mixture's two components well separated?
 
     A two-component fit splits any sample, noisy or clean, so a filter that always believes it
@@ -153,27 +153,7 @@ class SplitGate:
     """
 
     def __init__(self, min_d: float, momentum: float):
-        self.min_d, self.momentum = min_d, momentum
-        self.d: float | None = None
-
-    def observe(self, d: float) -> bool:
-        self.d = d if self.d is None else self.momentum * self.d + (1 - self.momentum) * d
-        return self.is_open
-
-    @property
-    def is_open(self) -> bool:
-        return self.d is not None and self.d > self.min_d
-
-    def stats(self) -> dict[str, float]:
-        if self.d is None:
-            return {}
-        return {"select/split_d": self.d, "select/filtering": float(self.is_open)}
-
-    def state_dict(self) -> dict:
-        return {"d": self.d}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.d = sd["d"]
+        super().__init__(min_d, momentum, "select/split_d")
 
 
 def _oracle(x: ScoreInputs) -> torch.Tensor:

@@ -181,34 +181,41 @@ def bic_gain(one: GaussianMixture, two: GaussianMixture, G: int) -> float:
     return (2 * (two.loglik - one.loglik) - (two.n_params - one.n_params) * math.log(G)) / G
 
 
-class BicGate:
-    """Whether there is noise to filter: the running mean (momentum m) of the per-row BIC gain of
-    two components over one, open while it is positive. Nothing in it depends on the dataset's
-    scale or on the rows per cluster, unlike a separation threshold."""
+class RunningGate:
+    """A yes/no decision on a per-step value's running mean ``d <- m d + (1-m) x`` (started at the
+    first value): open while it exceeds ``threshold``. State: the running mean (key "d")."""
 
-    def __init__(self, momentum: float):
-        self.momentum = momentum
-        self.gain: float | None = None
+    def __init__(self, threshold: float, momentum: float, stat: str):
+        self.threshold, self.momentum, self.stat = threshold, momentum, stat
+        self.d: float | None = None
 
-    def observe(self, gain: float) -> bool:
-        m = self.momentum
-        self.gain = gain if self.gain is None else m * self.gain + (1 - m) * gain
+    def observe(self, x: float) -> bool:
+        self.d = x if self.d is None else self.momentum * self.d + (1 - self.momentum) * x
         return self.is_open
 
     @property
     def is_open(self) -> bool:
-        return self.gain is not None and self.gain > 0
+        return self.d is not None and self.d > self.threshold
 
     def stats(self) -> dict[str, float]:
-        if self.gain is None:
+        if self.d is None:
             return {}
-        return {"select/bic_gain": self.gain, "select/filtering": float(self.is_open)}
+        return {self.stat: self.d, "select/filtering": float(self.is_open)}
 
     def state_dict(self) -> dict:
-        return {"gain": self.gain}
+        return {"d": self.d}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.gain = sd["gain"]
+        self.d = sd["d"]
+
+
+class BicGate(RunningGate):
+    """Whether there is noise to filter: the running mean of the per-row BIC gain of two
+    components over one, open while it is positive. Nothing in it depends on the dataset's scale
+    or on the rows per cluster, unlike a separation threshold."""
+
+    def __init__(self, momentum: float):
+        super().__init__(0.0, momentum, "select/bic_gain")
 
 
 def monotone(p_noisy_G: torch.Tensor, evidence_G: torch.Tensor) -> torch.Tensor:
