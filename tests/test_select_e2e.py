@@ -41,7 +41,9 @@ def test_balanced_infobatch_two_ranks_zero3_resumes_exactly(tmp_path):
             assert a[step]["select/clusters_used"] >= 2
             fracs = [v for k, v in a[step].items() if k.startswith("select/cluster_kept_frac/")]
             assert len(fracs) == a[step]["select/clusters_used"] and all(0 <= f <= 1 for f in fracs)
-            assert a[step]["select/weight_max"] >= 1 and "select/bic_gain" in a[step]
+            assert "select/bic_gain" in a[step]
+            if a[step]["select/filtering"]:  # infobatch prunes only while the gate is open
+                assert a[step]["select/weight_max"] >= 1
     for step in range(5, 9):  # after the resume: same centroids, so the same selections
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], abs=1e-6)
         assert a[step]["select/bic_gain"] == pytest.approx(b[step]["select/bic_gain"], abs=1e-9)
