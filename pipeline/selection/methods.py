@@ -1,6 +1,8 @@
 """Selection methods: each is a score function over the gathered super-batch plus a direction.
 
-A new method is one small function here and one line in METHODS. Inputs (G gathered rows):
+A new method is one small function here, one line in METHODS and its name in names.py (the
+config reads that list without importing torch; an import-time check ties the two).
+Inputs (G gathered rows):
     s_G        current correlation 100 * max(cos(img, txt), 0)
     h_G        historical correlation (methods with needs_h: dissect, dissect_z)
     feats      (img_GD, txt_GD, logit_scale) gathered features (loss-based methods only)
