@@ -20,6 +20,8 @@ from typing import Any, get_args, get_origin
 
 import yaml
 
+from pipeline.selection.names import SELECTION_METHODS
+
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake; the message is one line naming the field."""
@@ -30,18 +32,6 @@ def _check(ok: bool, name: str, allowed: str, got: Any) -> None:
         raise ConfigError(f"{name} must be {allowed}, got {got!r}")
 
 
-SELECTION_METHODS = (
-    "none",
-    "random",
-    "clipscore",
-    "small_loss",
-    "big_loss",
-    "dissect",
-    "dissect_z",
-    "filter_random",
-    "filter_visits",
-    "oracle",
-)
 BALANCE_MODES = ("none", "clusters")
 HISTORY_SOURCES = ("memory", "snapshot", "ema", "score_ema")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -187,6 +177,13 @@ class SelectionConfig:
     split_min_d: float = 2.5
     split_momentum: float = 0.9
     visit_momentum: float = 0.75  # filter_visits: per-sample loss mean v <- m v + (1-m) z
+    # the rules of issue 19 (filter_soft, gsc, margin_trend, filter_2d, infobatch): see
+    # pipeline/selection/rules.py. Whether to filter is a BIC test (no threshold to set).
+    soft_gamma: float = 1.0  # kept set drawn by Gumbel top-k in proportion to P(clean)^gamma
+    min_cluster_rows: int = 8  # a cluster with fewer rows is standardised with global statistics
+    same_caption_cos: float = 0.995  # text-feature cosine at which two captions are the same
+    margin_momentum: float = 0.75  # margin_trend: per-sample running level and trend of the margin
+    gsc_temperature: float = 0.1  # gsc: softmax temperature of the similarity rows (0: the model's)
     # the scoring forward only (current and historical model; training is untouched):
     score_patch_dropout: float = 0.0  # share of image patches dropped per image (FLIP)
     score_image_size: int = 0  # score at this image size (position embeddings interpolated)
@@ -262,6 +259,31 @@ class SelectionConfig:
             "selection.visit_momentum",
             "in [0, 1)",
             self.visit_momentum,
+        )
+        _check(self.soft_gamma > 0, "selection.soft_gamma", "a positive number", self.soft_gamma)
+        _check(
+            self.min_cluster_rows >= 2,
+            "selection.min_cluster_rows",
+            "an integer >= 2",
+            self.min_cluster_rows,
+        )
+        _check(
+            0 < self.same_caption_cos <= 1,
+            "selection.same_caption_cos",
+            "in (0, 1]",
+            self.same_caption_cos,
+        )
+        _check(
+            0 <= self.margin_momentum < 1,
+            "selection.margin_momentum",
+            "in [0, 1)",
+            self.margin_momentum,
+        )
+        _check(
+            self.gsc_temperature >= 0,
+            "selection.gsc_temperature",
+            "a non-negative number (0: the model's own 1 / logit_scale)",
+            self.gsc_temperature,
         )
         _check(
             0 <= self.score_patch_dropout < 1,

@@ -3,8 +3,9 @@
 DeepSpeed reshards the model and optimizer (through a universal checkpoint, see
 pipeline.checkpoint); no library reshards the rest of what a rank saves (`state_rank{r}.pt`):
 
-- score stores (memory / snapshot / score_ema source, visit means): rank r holds uid u at slot
-  u // W when u % W == r. Consolidated to one dense [size] tensor, then re-split by uid: every
+- score stores (memory / snapshot / score_ema source, visit means, a rule's per-sample stores such
+  as margin_trend's level and trend, wherever in the selector state they sit): rank r holds uid u
+  at slot u // W when u % W == r. Consolidated to one dense [size] tensor, then re-split by uid: every
   uid keeps its value and its known flag.
 - historical weights (snapshot / EMA): under ZeRO-3 each rank holds a flat partition of every
   parameter, ceil(numel / W) elements, zero-padded at the end (DeepSpeed's layout); they are
@@ -25,8 +26,30 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-# selector state keys that hold a sharded ScoreStore state dict (see Selector.state_dict)
-STORE_KEYS = ("store", "visits")
+STORE_FIELDS = frozenset({"size", "rank", "world", "value", "known"})  # ScoreStore.state_dict()
+
+
+def store_paths(sd, path: tuple = ()) -> list[tuple]:
+    """Key paths to every sharded ScoreStore state dict nested in a selector state dict, so a
+    store that a new rule keeps (at any depth) is resharded without being listed here."""
+    if not isinstance(sd, dict):
+        return []
+    if STORE_FIELDS <= sd.keys():
+        return [path]
+    return [p for k, v in sd.items() for p in store_paths(v, (*path, k))]
+
+
+def _get(sd: dict, path: tuple):
+    for k in path:
+        sd = sd[k]
+    return sd
+
+
+def _with(sd: dict, path: tuple, value) -> dict:
+    """A copy of ``sd`` with ``value`` at ``path`` (the dicts along the path are copied)."""
+    out = dict(sd)
+    out[path[0]] = value if len(path) == 1 else _with(sd[path[0]], path[1:], value)
+    return out
 
 
 def _owned(rank: int, size: int, world: int) -> torch.Tensor:
@@ -129,19 +152,19 @@ def reshard_state(
     out["rng"] = mine["rng"] if mine is not None else None
     sel = first.get("selector")
     if sel:
-        sel = dict(sel)
-        sharded = [k for k in STORE_KEYS if sel.get(k) is not None]
+        sharded = store_paths(sel)
         partitioned = sel.get("weights") is not None and numels is not None
-        stores: dict[str, list[dict]] = {k: [] for k in sharded}
+        stores: dict[tuple, list[dict]] = {p: [] for p in sharded}
         weights: list[dict] = []
         for r in range(old_world if sharded or partitioned else 0):
             theirs = (first if r == 0 else mine if r == rank else load(r))["selector"]
-            for k in sharded:
-                stores[k].append(theirs[k])
+            for p in sharded:
+                stores[p].append(_get(theirs, p))
             if partitioned:
                 weights.append(theirs["weights"])
-        for k in sharded:
-            sel[k] = split_store(*consolidate_store(stores[k]), rank, world)
+        for p in sharded:
+            sel = _with(sel, p, split_store(*consolidate_store(stores[p]), rank, world))
+        sel = dict(sel)
         if sel.get("weights") is not None:
             sel["weights"] = reshard_weights(weights or [sel["weights"]], numels, rank, world)
         out["selector"] = sel

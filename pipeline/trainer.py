@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from open_clip import ClipLoss
 
 from pipeline import checkpoint as ckpt
 from pipeline.collectives import all_reduce_sum
@@ -38,6 +37,7 @@ from pipeline.data import (
 from pipeline.dist import DistInfo, barrier, broadcast_object
 from pipeline.engine import Engine, write_ds_config
 from pipeline.evaluate import describe, evaluate_sets
+from pipeline.loss import WeightedClipLoss
 from pipeline.metrics import make_sink, truncate_metrics_after
 from pipeline.model import build_model, check_model_name
 from pipeline.selection import Selector
@@ -148,9 +148,7 @@ class StepRunner:
     ):
         self.cfg, self.dist = cfg, dist
         self.engine = Engine(cfg, model, total_steps)
-        self.loss_fn = ClipLoss(
-            local_loss=True, gather_with_grad=True, rank=dist.rank, world_size=dist.world_size
-        )
+        self.loss_fn = WeightedClipLoss(dist.rank, dist.world_size)
         self.selector: Selector | None = None
         if cfg.selection.method != "none":
             self.selector = Selector(cfg, self.engine, dist, store_size, steps_per_epoch)
@@ -165,7 +163,7 @@ class StepRunner:
             metrics.update(sel_stats)
         t0 = time.perf_counter()
         img, txt, scale = self.engine.forward(batch["images"], batch["tokens"])
-        loss = self.loss_fn(img, txt, scale)
+        loss = self.loss_fn(img, txt, scale, batch.get("weight"))  # weights: InfoBatch
         # every rank must agree to skip, or the collectives in backward would hang; the trained
         # pairs' agreement (clean vs noisy: memorisation) rides in the same all-reduce
         pairs = diag.train_pair_sums(img, txt, batch)

@@ -73,6 +73,8 @@ def _rank_file(rank: int, world: int, zero3: bool, numels: list[int]) -> dict:
     full = [torch.arange(float(n)) + 100 * i for i, n in enumerate(numels)]
     store = ScoreStore(10, rank, world)
     store.write(torch.arange(10), torch.arange(10.0))
+    trend = ScoreStore(10, rank, world)  # a rule's store, nested (margin_trend's level/trend)
+    trend.write(torch.arange(10), -torch.arange(10.0))
     shards = [elastic.split_flat(f, rank, world) for f in full] if zero3 else full
     return {
         "train_state": {"step": 6, "epoch": 1, "step_in_epoch": 2, "raw_pos": {0: 99}},
@@ -81,6 +83,10 @@ def _rank_file(rank: int, world: int, zero3: bool, numels: list[int]) -> dict:
             "weights": {"momentum": 0.9, "shards": shards},
             "gate": {"x": 1},
             "visits": None,
+            "rule": {
+                "gate": {"y": 2},
+                "trend": {"level": store.state_dict(), "trend": trend.state_dict()},
+            },
         },
         "rng": {"rank": rank},
     }
@@ -106,6 +112,10 @@ def test_reshard_state_2_to_3(zero3):
         assert (ts["step"], ts["epoch"], ts["step_in_epoch"], ts["raw_pos"]) == (6, 1, 1, {})
         assert g["selector"]["gate"] == {"x": 1} and g["selector"]["visits"] is None
     assert _lookup([g["selector"]["store"] for g in got]) == {u: float(u) for u in range(10)}
+    rules = [g["selector"]["rule"] for g in got]
+    assert all(r["gate"] == {"y": 2} and r["trend"]["level"]["world"] == 3 for r in rules)
+    assert _lookup([r["trend"]["level"] for r in rules]) == {u: float(u) for u in range(10)}
+    assert _lookup([r["trend"]["trend"] for r in rules]) == {u: -float(u) for u in range(10)}
     shards = [g["selector"]["weights"]["shards"] for g in got]
     for i, n in enumerate(numels):
         want = torch.arange(float(n)) + 100 * i

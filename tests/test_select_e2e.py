@@ -1,5 +1,7 @@
 """End to end through dissect-train: balanced selection with a new rule on 2 ranks under ZeRO-3
-(the scoring forwards run in lockstep), stopped and resumed, equal to the straight run."""
+(the scoring forwards run in lockstep), stopped and resumed, equal to the straight run. The rule
+is infobatch: its BIC gate's running state is checkpointed and its per-row loss weights travel
+with their rows into the weighted training loss."""
 
 import pandas as pd
 import pytest
@@ -10,12 +12,12 @@ from trainutil import run_train, train_rows
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(400)
-def test_balanced_filter_random_two_ranks_zero3_resumes_exactly(tmp_path):
+def test_balanced_infobatch_two_ranks_zero3_resumes_exactly(tmp_path):
     write_digit_shards(tmp_path / "noisy", n_shards=4, per_shard=64, seed=2, noise=0.4)
     common = [
         f"data.train={tmp_path / 'noisy'}",
         "deepspeed.zero_stage=3",
-        "selection.method=filter_random",
+        "selection.method=infobatch",
         "selection.balance=clusters",
         "selection.clusters=4",
         "selection.ratio=0.5",
@@ -39,8 +41,12 @@ def test_balanced_filter_random_two_ranks_zero3_resumes_exactly(tmp_path):
             assert a[step]["select/clusters_used"] >= 2
             fracs = [v for k, v in a[step].items() if k.startswith("select/cluster_kept_frac/")]
             assert len(fracs) == a[step]["select/clusters_used"] and all(0 <= f <= 1 for f in fracs)
+            assert "select/bic_gain" in a[step]
+            if a[step]["select/filtering"]:  # infobatch prunes only while the gate is open
+                assert a[step]["select/weight_max"] >= 1
     for step in range(5, 9):  # after the resume: same centroids, so the same selections
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], abs=1e-6)
+        assert a[step]["select/bic_gain"] == pytest.approx(b[step]["select/bic_gain"], abs=1e-9)
         cl = {k: v for k, v in a[step].items() if k.startswith("select/cluster_kept_frac/")}
         assert cl == {k: v for k, v in b[step].items() if k.startswith("select/cluster_kept_frac/")}
     sel = [

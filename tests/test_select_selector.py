@@ -147,6 +147,11 @@ def run_steps(
         assert train["uid"].shape[0] == K_TRAIN // world
         rec = {
             "uid": train["uid"].tolist(),
+            "weight": sorted(
+                (u, round(w, 5)) for u, w in zip(train["uid"].tolist(), train["weight"].tolist())
+            )
+            if "weight" in train
+            else [],
             "stats": {k: v for k, v in stats.items() if k.startswith("select/")},
         }
         if selector.reporter.last is not None:
@@ -187,6 +192,11 @@ CASES = [
     {"method": "dissect_z", "history": "memory"},
     {"method": "filter_random", "balance": "clusters", "clusters": 3},
     {"method": "filter_visits", "split_min_d": 0.0},
+    {"method": "filter_soft", "balance": "clusters", "clusters": 3, "min_cluster_rows": 4},
+    {"method": "gsc"},
+    {"method": "margin_trend"},  # the per-sample margin store, sharded
+    {"method": "filter_2d"},
+    {"method": "infobatch", "balance": "clusters", "clusters": 3},  # loss weights move too
     {"method": "dissect", "history": "snapshot", "balance": "clusters", "clusters": 3},
     {"method": "small_loss", "balance": "clusters", "clusters": 4},
 ]
@@ -203,6 +213,8 @@ def test_two_ranks_select_what_one_rank_selects(tmp_path):
         for step in range(steps):
             got = sorted(two[0][step]["uid"] + two[1][step]["uid"])
             assert got == sorted(one[step]["uid"]), (sel, step)
+            weights = sorted(two[0][step]["weight"] + two[1][step]["weight"])
+            assert weights == sorted(one[step]["weight"]), (sel, step)
             for key, v in one[step]["stats"].items():
                 if key == "select/moved_frac":  # rebalancing exists only across ranks
                     continue
@@ -252,6 +264,8 @@ def test_warmup_boundary_of_every_source(tmp_path):
         {"method": "clipscore", "balance": "clusters", "clusters": 3},
         {"method": "filter_random", "split_momentum": 0.5},  # the gate's running separation
         {"method": "filter_visits", "split_min_d": 0.0},  # the per-sample visit means
+        {"method": "margin_trend", "split_momentum": 0.5},  # margin store and the BIC gate
+        {"method": "infobatch"},
     ],
 )
 def test_resume_from_state_dict_is_exact(tmp_path, sel):
@@ -259,7 +273,7 @@ def test_resume_from_state_dict_is_exact(tmp_path, sel):
     _, state = run_steps(0, 1, str(tmp_path), 5, sel)
     resumed, _ = run_steps(0, 1, str(tmp_path), 8, sel, start=5, state=state)
     for a, b in zip(straight[5:], resumed):
-        assert a["uid"] == b["uid"]
+        assert a["uid"] == b["uid"] and a["weight"] == b["weight"]
         assert a["stats"] == b["stats"]
 
 

@@ -1,6 +1,8 @@
 """Selection methods: each is a score function over the gathered super-batch plus a direction.
 
-A new method is one small function here and one line in METHODS. Inputs (G gathered rows):
+A new method is one small function here, one line in METHODS and its name in names.py (the
+config reads that list without importing torch; an import-time check ties the two).
+Inputs (G gathered rows):
     s_G        current correlation 100 * max(cos(img, txt), 0)
     h_G        historical correlation (methods with needs_h: dissect, dissect_z)
     feats      (img_GD, txt_GD, logit_scale) gathered features (loss-based methods only)
@@ -10,6 +12,8 @@ A new method is one small function here and one line in METHODS. Inputs (G gathe
                no selection rule may read it, nor the labels
     gate       the run's SplitGate, given to a method with gated=True (state kept across steps)
     uid_G, visits  sample ids and the run's VisitMean, for a method with needs_visits=True
+    rule, seed     the run's rule object (rules.MixtureRule, state kept across steps) and the
+                   step's seed for its draws, for a method with rule=True
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.selection.names import SELECTION_METHODS
+from pipeline.selection.rules import RULES, MixtureRule, RunningGate
 from pipeline.selection.store import ScoreStore
 
 
@@ -35,6 +41,8 @@ class ScoreInputs:
     gate: SplitGate | None = None  # methods with gated=True
     uid_G: torch.Tensor | None = None
     visits: VisitMean | None = None  # methods with needs_visits=True
+    rule: MixtureRule | None = None  # methods with rule=True
+    seed: int = 0  # the step's seed (rule draws), equal on every rank
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,7 @@ class Method:
     needs_truth: bool = False  # reads the ground-truth noisy flag: benchmarks only
     gated: bool = False  # filters only while a SplitGate says the noise split is real
     needs_visits: bool = False  # averages a per-sample value over visits (VisitMean)
+    rule: bool = False  # a rules.MixtureRule object owns the key (and loss weights, InfoBatch)
 
 
 def correlation(img_ND: torch.Tensor, txt_ND: torch.Tensor) -> torch.Tensor:
@@ -130,7 +139,7 @@ def fit_mixture(z_G: torch.Tensor, iters: int = 30) -> Mixture:
     return Mixture(resp[:, int(torch.argmin(mu))], separation)
 
 
-class SplitGate:
+class SplitGate(RunningGate):
     """Whether there is noise to filter: are the loss mixture's two components well separated?
 
     A two-component fit splits any sample, noisy or clean, so a filter that always believes it
@@ -146,27 +155,7 @@ class SplitGate:
     """
 
     def __init__(self, min_d: float, momentum: float):
-        self.min_d, self.momentum = min_d, momentum
-        self.d: float | None = None
-
-    def observe(self, d: float) -> bool:
-        self.d = d if self.d is None else self.momentum * self.d + (1 - self.momentum) * d
-        return self.is_open
-
-    @property
-    def is_open(self) -> bool:
-        return self.d is not None and self.d > self.min_d
-
-    def stats(self) -> dict[str, float]:
-        if self.d is None:
-            return {}
-        return {"select/split_d": self.d, "select/filtering": float(self.is_open)}
-
-    def state_dict(self) -> dict:
-        return {"d": self.d}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.d = sd["d"]
+        super().__init__(min_d, momentum, "select/split_d")
 
 
 def _oracle(x: ScoreInputs) -> torch.Tensor:
@@ -231,6 +220,10 @@ class VisitMean:
         self.store.load_state_dict(sd)
 
 
+def _rule(x: ScoreInputs) -> torch.Tensor:
+    return x.rule.key(x)
+
+
 METHODS: dict[str, Method] = {
     "random": Method(_random, largest=True),
     "clipscore": Method(_clipscore, largest=True, needs_s=True),
@@ -242,5 +235,8 @@ METHODS: dict[str, Method] = {
     "filter_visits": Method(
         _filter_visits, largest=True, needs_feats=True, gated=True, needs_visits=True
     ),
+    **{name: Method(_rule, largest=True, needs_feats=True, rule=True) for name in RULES},
     "oracle": Method(_oracle, largest=True, needs_truth=True),
 }
+# the config validates selection.method against names.SELECTION_METHODS: the same set
+assert set(METHODS) == set(SELECTION_METHODS) - {"none"}, set(METHODS) ^ set(SELECTION_METHODS)

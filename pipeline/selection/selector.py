@@ -30,6 +30,7 @@ from pipeline.dist import DistInfo
 from pipeline.selection import diagnostics as diag
 from pipeline.selection.balance import ClusterBalance, balanced_topk, cluster_quotas, cluster_stats
 from pipeline.selection.methods import METHODS, ScoreInputs, SplitGate, VisitMean, correlation
+from pipeline.selection.rules import make_rule
 from pipeline.selection.scoring import ScoreOptions, Scorer, sync
 from pipeline.selection.sources import Gathered, make_source
 from pipeline.selection.topk import apply_rebalance, global_topk, plan_rebalance, tie_draw
@@ -79,6 +80,11 @@ class Selector:
             if self.method.needs_visits
             else None
         )
+        self.rule = (
+            make_rule(sc.method, sc, store_size, dist.rank, dist.world_size)
+            if self.method.rule
+            else None
+        )
         self.source = make_source(
             sc.history if self.method.needs_h else None,
             engine,
@@ -117,12 +123,15 @@ class Selector:
         g = self._gather(batch, scored, feats_B, self.source.local_h(self.scorer, batch, warm))
         g.h = self.source.gathered_h(self.scorer, batch, g, warm)
         rand_G, tie_G = self._draws(step, W * B)
-        key_G, largest, cluster_G = self._key(g, feats_B, rand_G, warm)
+        key_G, largest, cluster_G = self._key(g, feats_B, rand_G, warm, step)
         if cluster_G is None:
             kept_G = global_topk(key_G, tie_G, W * b, largest=largest)
         else:
             quota_K = cluster_quotas(cluster_G, self.sc.clusters, W * b)
             kept_G = balanced_topk(key_G, tie_G, cluster_G, quota_K, largest=largest)
+        weight_G = self.rule.weights(kept_G) if self.rule is not None and not warm else None
+        if weight_G is not None:  # per-row loss weights travel with their rows
+            batch = {**batch, "weight": weight_G[self.dist.rank * B : (self.dist.rank + 1) * B]}
         self.source.update(g, warm)
         sync(self.engine.device)
         t1 = time.perf_counter()
@@ -141,6 +150,10 @@ class Selector:
             stats.update(cluster_stats(cluster_G, kept_G, self.sc.clusters))
         if self.gate is not None and not warm:
             stats.update(self.gate.stats())
+        if self.rule is not None and not warm:
+            stats.update(self.rule.stats())
+        if weight_G is not None:
+            stats["select/weight_max"] = float(weight_G[kept_G.cpu()].max())
         self.reporter.record(step, epoch, g, key_G, kept_G, largest, warm, batch, cluster_G)
         return train, stats
 
@@ -187,7 +200,7 @@ class Selector:
         gen = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + step)
         return torch.rand(G, generator=gen), tie_draw(G, gen)
 
-    def _key(self, g: Gathered, feats_B, rand_G: torch.Tensor, warm: bool):
+    def _key(self, g: Gathered, feats_B, rand_G: torch.Tensor, warm: bool, step: int):
         """(key_G, largest, cluster_G or None). Warm-up keeps a random r fraction, unbalanced."""
         if warm:
             return rand_G, True, None
@@ -210,6 +223,8 @@ class Selector:
             gate=self.gate,
             uid_G=g.uid,
             visits=self.visits,
+            rule=self.rule,
+            seed=self.cfg.run.seed * 1_000_003 + step + 2**40,  # not _draws' stream
         )
         return m.score(inputs).cpu(), m.largest, cluster_G
 
@@ -226,7 +241,12 @@ class Selector:
 
     def _parts(self) -> dict:
         """The optional parts that carry state across steps, by checkpoint key (None: not used)."""
-        return {"balance": self.balance, "gate": self.gate, "visits": self.visits}
+        return {
+            "balance": self.balance,
+            "gate": self.gate,
+            "visits": self.visits,
+            "rule": self.rule,
+        }
 
     def state_dict(self) -> dict:
         sd = {"store": None, "weights": None, **self.source.state_dict()}

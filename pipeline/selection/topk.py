@@ -77,7 +77,8 @@ def plan_rebalance(kept_G: torch.Tensor, world: int, b: int) -> RebalancePlan:
     return RebalancePlan(keep_local=keep_local, send_local=send, moved=moved)
 
 
-TENSOR_KEYS = ("images", "tokens", "uid", "label", "noisy", "noise_kind")  # those present travel
+# those present travel (weight: InfoBatch loss weights)
+TENSOR_KEYS = ("images", "tokens", "uid", "label", "noisy", "noise_kind", "weight")
 
 
 def apply_rebalance(batch: dict, plan: RebalancePlan, rank: int, world: int) -> dict:

@@ -1,0 +1,434 @@
+"""Rules that keep the hard clean pairs, decided without a threshold measured on one dataset.
+
+Shapes: G gathered rows, D feature dim, F mixture features (1 or 2), K mixture components.
+Everything runs on the gathered super-batch in float64 (the [G, G] similarities on the features'
+device, the per-row values and mixtures on the CPU), so every rank computes the same numbers with
+no communication beyond the stores' all-reduces.
+
+The parts (each with its source; docs/_incoming/issue19.md has the reasons):
+- ``same_caption``: rows whose text features are (nearly) identical are not negatives of each
+  other (false-negative-aware loss; on class-caption data most rows share a caption).
+- ``structure_consistency`` (GSC, CVPR 2024): does a pair's image have the same neighbours among
+  the images as its caption among the captions? A swapped pair's two neighbourhoods disagree;
+  a hard clean pair's agree even while its cross-modal similarity is low. Needs no history.
+- ``MarginTrend`` (AUM, NeurIPS 2020; Confidence Tracking, AAAI 2025): per-sample running
+  level and trend of the unclamped margin; a pair whose margin rises is kept while it is low.
+- ``fit_gmm`` + ``bic_gain`` + ``BicGate``: whether there is noise to filter is a BIC choice
+  between one and two Gaussian components: invariant to the features' scale and shift.
+- ``soft_tiers``: the kept set is drawn by Gumbel top-k in proportion to P(clean)^gamma, and no
+  more rows are dropped as noisy than the mixture's own estimate of the noise share.
+- InfoBatch (ICLR 2024): among the likely-clean rows, only those below the mean loss (already
+  learned) are pruned, at random, and the kept ones of that group are up-weighted so that the
+  expected gradient is unchanged (``MixtureRule.weights``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.selection.store import ScoreStore
+
+# --- false negatives -------------------------------------------------------------------------------
+
+
+def same_caption(txt_GD: torch.Tensor, min_cos: float) -> torch.Tensor:
+    """Bool [G, G]: pairs of distinct rows whose captions' text features have cosine >= min_cos
+    (identical captions give identical features). The diagonal is False."""
+    t = torch.nn.functional.normalize(txt_GD.double(), dim=-1)
+    same = t @ t.T >= min_cos - 1e-9
+    same.fill_diagonal_(False)
+    return same
+
+
+def fn_aware_loss(
+    img_GD: torch.Tensor, txt_GD: torch.Tensor, logit_scale: torch.Tensor, same_GG: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE of each pair against the gathered super-batch, where rows with the same
+    caption are not negatives of each other (their logits are masked out). [G] float64"""
+    logits = float(logit_scale) * img_GD.double() @ txt_GD.double().T
+    logits = logits.masked_fill(same_GG, float("-inf"))
+    target = torch.arange(logits.shape[0], device=logits.device)
+    li = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    lt = torch.nn.functional.cross_entropy(logits.T, target, reduction="none")
+    return 0.5 * (li + lt)
+
+
+def margin(img_GD: torch.Tensor, txt_GD: torch.Tensor, same_GG: torch.Tensor) -> torch.Tensor:
+    """Unclamped margin of each pair: cos(own caption) - max cos(another caption), where a caption
+    identical to its own does not count as another. [G] float64 (a row alone: the own cosine)"""
+    cos = torch.nn.functional.normalize(img_GD.double(), dim=-1) @ (
+        torch.nn.functional.normalize(txt_GD.double(), dim=-1).T
+    )
+    own = cos.diagonal().clone()
+    eye = torch.eye(cos.shape[0], dtype=torch.bool, device=cos.device)
+    other = cos.masked_fill(same_GG | eye, float("-inf"))
+    best = other.max(dim=1).values
+    return own - torch.where(torch.isfinite(best), best, torch.zeros_like(best))
+
+
+# --- structure consistency -------------------------------------------------------------------------
+
+
+def structure_consistency(
+    img_GD: torch.Tensor, txt_GD: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Cosine between each pair's image-to-images and caption-to-captions similarity rows
+    (softmax at ``temperature``, self excluded): high when both have the same neighbours. [G]"""
+    i = torch.nn.functional.normalize(img_GD.double(), dim=-1)
+    t = torch.nn.functional.normalize(txt_GD.double(), dim=-1)
+    eye = torch.eye(i.shape[0], dtype=torch.bool, device=i.device)
+    a = torch.softmax((i @ i.T / temperature).masked_fill(eye, float("-inf")), dim=1)
+    b = torch.softmax((t @ t.T / temperature).masked_fill(eye, float("-inf")), dim=1)
+    return torch.nn.functional.cosine_similarity(a, b, dim=1)
+
+
+# --- mixtures and the BIC decision ---------------------------------------------------------------
+
+
+def standardise_min(x_G: torch.Tensor, group_G: torch.Tensor | None, min_rows: int) -> torch.Tensor:
+    """Standardised within each group of at least ``min_rows`` rows; a smaller group's rows are
+    standardised with the whole super-batch's statistics (a mean and spread of 3 rows say
+    little). [G] float64"""
+    from pipeline.selection.methods import standardise
+
+    z_all = standardise(x_G)
+    if group_G is None:
+        return z_all
+    group_G = group_G.cpu()
+    big = torch.bincount(group_G)[group_G] >= min_rows
+    return torch.where(big, standardise(x_G, group_G), z_all)
+
+
+def box_cox(x_G: torch.Tensor) -> torch.Tensor:
+    """Box-Cox transform of positive values with the power (on a grid in [-1, 2]) that makes
+    them most Gaussian by profile likelihood: a skewed unimodal loss becomes one Gaussian, so a
+    BIC test then finds a second component only where there is a second mode. Invariant to the
+    values' scale. [G] float64"""
+    x = x_G.double().clamp_min(1e-12)
+    logx = x.log()
+    best, best_ll = logx, -math.inf
+    for lam in torch.linspace(-1, 2, 13, dtype=torch.float64).tolist():
+        y = logx if abs(lam) < 1e-9 else (x.pow(lam) - 1) / lam
+        ll = -0.5 * x.numel() * float(y.var(unbiased=False).clamp_min(1e-300).log()) + (
+            lam - 1
+        ) * float(logx.sum())
+        if ll > best_ll:
+            best, best_ll = y, ll
+    return best
+
+
+@dataclass
+class GaussianMixture:
+    resp_GK: torch.Tensor  # posterior of each component per row
+    weight_K: torch.Tensor
+    mean_KF: torch.Tensor
+    loglik: float  # total log-likelihood of the rows
+    n_params: int
+
+
+def _log_normal(x_GF: torch.Tensor, mean_F: torch.Tensor, cov_FF: torch.Tensor) -> torch.Tensor:
+    """Log density of N(mean, cov) at each row, F = 1 or 2 in closed form (no LAPACK call: the
+    first one costs seconds on a busy CPU). [G]"""
+    d = x_GF - mean_F
+    if d.shape[1] == 1:
+        var = cov_FF[0, 0]
+        return -0.5 * (d[:, 0] ** 2 / var + var.log() + math.log(2 * math.pi))
+    assert d.shape[1] == 2, d.shape
+    a, b, c = cov_FF[0, 0], cov_FF[0, 1], cov_FF[1, 1]
+    det = a * c - b * b
+    maha = (c * d[:, 0] ** 2 - 2 * b * d[:, 0] * d[:, 1] + a * d[:, 1] ** 2) / det
+    return -0.5 * (maha + det.log() + 2 * math.log(2 * math.pi))
+
+
+def fit_gmm(x_GF: torch.Tensor, K: int, iters: int = 30) -> GaussianMixture:
+    """K-component full-covariance Gaussian mixture by EM (F = 1 or 2 features), deterministic:
+    K = 2 starts from the
+    split at the median of the features' sum (the axis along which every feature says 'noisy').
+    Covariances get a ridge of 1e-6 of the data's variance, so the fit is scale-free."""
+    x = x_GF.double()
+    G, F_ = x.shape
+    ridge = 1e-6 * float(x.var(dim=0).mean().clamp_min(1e-30)) * torch.eye(F_, dtype=x.dtype)
+    if K == 1:
+        resp = torch.ones(G, 1, dtype=x.dtype)
+    else:
+        assert K == 2, K
+        s = x.sum(1)
+        hi = (s > s.median()).double()
+        resp = torch.stack([1 - hi, hi], dim=1)
+    for _ in range(iters if K > 1 else 1):
+        nk = resp.sum(0).clamp_min(1e-9)
+        weight = nk / G
+        # elementwise sums, no BLAS call: [G, F] is tiny, and a threaded GEMM on a busy CPU
+        # costs 30x more than the arithmetic
+        mean = (resp[:, :, None] * x[:, None, :]).sum(0) / nk[:, None]
+        covs = []
+        for k in range(K):
+            d = x - mean[k]
+            outer = resp[:, k, None, None] * d[:, :, None] * d[:, None, :]
+            covs.append(outer.sum(0) / nk[k] + ridge)
+        logp = torch.stack(
+            [_log_normal(x, mean[k], covs[k]) + weight[k].log() for k in range(K)], dim=1
+        )
+        top = torch.maximum(logp[:, 0], logp[:, -1])[:, None]  # (torch.softmax on [G, 2]
+        e = (logp - top).exp()  # spins its thread pool on a busy CPU: 30x slower)
+        resp = e / e.sum(1, keepdim=True)
+    loglik = float((top[:, 0] + e.sum(1).log()).sum())
+    n_params = K * (F_ + F_ * (F_ + 1) // 2) + (K - 1)
+    return GaussianMixture(resp, weight, mean, loglik, n_params)
+
+
+def bic_gain(one: GaussianMixture, two: GaussianMixture, G: int) -> float:
+    """BIC(1 component) - BIC(2 components), per row: > 0 when the data favour two components.
+    Log-likelihood differences do not change when a feature is scaled or shifted."""
+    return (2 * (two.loglik - one.loglik) - (two.n_params - one.n_params) * math.log(G)) / G
+
+
+class RunningGate:
+    """A yes/no decision on a per-step value's running mean ``d <- m d + (1-m) x`` (started at the
+    first value): open while it exceeds ``threshold``. State: the running mean (key "d")."""
+
+    def __init__(self, threshold: float, momentum: float, stat: str):
+        self.threshold, self.momentum, self.stat = threshold, momentum, stat
+        self.d: float | None = None
+
+    def observe(self, x: float) -> bool:
+        self.d = x if self.d is None else self.momentum * self.d + (1 - self.momentum) * x
+        return self.is_open
+
+    @property
+    def is_open(self) -> bool:
+        return self.d is not None and self.d > self.threshold
+
+    def stats(self) -> dict[str, float]:
+        if self.d is None:
+            return {}
+        return {self.stat: self.d, "select/filtering": float(self.is_open)}
+
+    def state_dict(self) -> dict:
+        return {"d": self.d}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.d = sd["d"]
+
+
+class BicGate(RunningGate):
+    """Whether there is noise to filter: the running mean of the per-row BIC gain of two
+    components over one, open while it is positive. Nothing in it depends on the dataset's scale
+    or on the rows per cluster, unlike a separation threshold."""
+
+    def __init__(self, momentum: float):
+        super().__init__(0.0, momentum, "select/bic_gain")
+
+
+def monotone(p_noisy_G: torch.Tensor, evidence_G: torch.Tensor) -> torch.Tensor:
+    """P(noisy) made non-decreasing in the evidence (running max in evidence order): a broad
+    component also owns the far clean tail, and a row with less evidence of noise must never
+    count as more likely noisy. [G]"""
+    order = torch.argsort(evidence_G, stable=True)
+    out = torch.empty_like(p_noisy_G)
+    out[order] = torch.cummax(p_noisy_G[order], dim=0).values
+    return out
+
+
+def gumbel_keys(logp_G: torch.Tensor, gamma: float, u_G: torch.Tensor) -> torch.Tensor:
+    """gamma * log p + Gumbel noise: the top-k of these keys is a draw without replacement in
+    proportion to p^gamma (the Gumbel-top-k trick). u_G: uniforms in (0, 1). [G] float64"""
+    u = u_G.double().clamp(1e-12, 1 - 1e-12)
+    return gamma * logp_G.double() - torch.log(-torch.log(u))
+
+
+def soft_tiers(
+    clean_G: torch.Tensor, noise_share: float, gamma: float, u_G: torch.Tensor
+) -> torch.Tensor:
+    """Bool [G]: the rows dropped as noisy: the round(noise_share * G) lowest Gumbel keys of
+    log P(clean), never more than the mixture's own estimate of the noise share."""
+    G = clean_G.shape[0]
+    n_noisy = int(round(noise_share * G))
+    keys = gumbel_keys(clean_G.clamp_min(1e-300).log(), gamma, u_G)
+    noisy = torch.zeros(G, dtype=torch.bool)
+    noisy[torch.argsort(keys)[:n_noisy]] = True
+    return noisy
+
+
+# --- the per-sample margin trajectory --------------------------------------------------------------
+
+
+class MarginTrend:
+    """Per-sample running level ``L <- m L + (1-m) x`` and trend ``T <- m T + (1-m)(x - L_old)``
+    of the margin x (at first sight L = x, T = 0), in two ScoreStores sharded like the memory
+    history (two all-reduces of G floats per step)."""
+
+    def __init__(self, store_size: int, rank: int, world: int, momentum: float):
+        self.level = ScoreStore(store_size, rank, world)
+        self.trend = ScoreStore(store_size, rank, world)
+        self.momentum = momentum
+
+    def __call__(self, uid_G: torch.Tensor, x_G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        L, known = self.level.read(uid_G)
+        T, _ = self.trend.read(uid_G)
+        m, x = self.momentum, x_G.double()
+        L, T = L.double(), T.double()
+        new_T = torch.where(known, m * T + (1 - m) * (x - L), torch.zeros_like(x))
+        new_L = torch.where(known, m * L + (1 - m) * x, x)
+        self.level.write(uid_G, new_L)
+        self.trend.write(uid_G, new_T)
+        return new_L, new_T
+
+    def state_dict(self) -> dict:
+        return {"level": self.level.state_dict(), "trend": self.trend.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.level.load_state_dict(sd["level"])
+        self.trend.load_state_dict(sd["trend"])
+
+
+def margin_evidence(level_G: torch.Tensor, trend_G: torch.Tensor) -> torch.Tensor:
+    """Noise evidence of the margin trajectory, high = noisy: -(z(level) + z(trend)), so a pair
+    whose margin rises counts as clean while its level is still low. [G] float64"""
+    return -(standardise_min(level_G, None, 2) + standardise_min(trend_G, None, 2))
+
+
+# --- the rules ---------------------------------------------------------------------------------------
+
+
+def infobatch_weights(learned_G: torch.Tensor, kept_G: torch.Tensor) -> torch.Tensor:
+    """Loss weights [G]: a kept row of the pruned ('learned') group weighs n_group / n_kept of it,
+    so the weighted sum over the kept rows equals, in expectation over the random pruning, the
+    sum over the whole group (InfoBatch's rescaling); every other row weighs 1."""
+    n = float(learned_G.sum())
+    n_kept = float((learned_G & kept_G).sum())
+    w = torch.ones(learned_G.shape[0], dtype=torch.float32)
+    if n_kept > 0:
+        w[learned_G & kept_G] = n / n_kept
+    return w
+
+
+@dataclass
+class RuleOptions:
+    gamma: float
+    min_cluster_rows: int
+    same_caption_cos: float
+    gsc_temperature: float
+    margin_momentum: float
+    gate_momentum: float
+
+
+class MixtureRule:
+    """Noise evidence (1-2 features, high = noisy) -> a Gaussian mixture -> BIC gate -> soft keep
+    of the likely-clean (Gumbel top-k on P(clean), capped by the estimated noise share) ->
+    among them random order (prune='random') or InfoBatch (prune='infobatch').
+
+    Returns a key for the selector's top-k (largest kept): 2 + u for a likely-clean row it must
+    keep first (InfoBatch: above the clean rows' mean loss), 1 + u for a likely-clean row it may
+    prune at random, rank/G in [0, 1) for a row dropped as noisy (the least noisy first, should
+    the kept set need more rows than the clean ones).
+    """
+
+    def __init__(
+        self,
+        features: tuple[str, ...],
+        prune: str,
+        opt: RuleOptions,
+        store_size: int,
+        rank: int,
+        world: int,
+    ):
+        assert set(features) <= {"loss", "gsc", "trend"} and prune in ("random", "infobatch")
+        self.features, self.prune, self.opt = features, prune, opt
+        self.gate = BicGate(opt.gate_momentum)
+        self.trend = (
+            MarginTrend(store_size, rank, world, opt.margin_momentum)
+            if "trend" in features
+            else None
+        )
+        self.learned_G: torch.Tensor | None = None  # the step's prunable group (InfoBatch)
+
+    def evidence(self, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noise evidence [G, F] of the rule's features, the standardised FN-aware loss [G], the
+        loss itself [G]) of the gathered rows; high evidence = noisy."""
+        img, txt, scale = x.feats
+        same = same_caption(txt, self.opt.same_caption_cos)
+        loss = fn_aware_loss(img, txt, scale, same).cpu()
+        z_loss = standardise_min(box_cox(loss), x.cluster_G, self.opt.min_cluster_rows)
+        cols = []
+        if "loss" in self.features:
+            cols.append(z_loss)
+        if "gsc" in self.features:
+            temp = self.opt.gsc_temperature or 1.0 / float(scale)
+            cols.append(-standardise_min(structure_consistency(img, txt, temp).cpu(), None, 2))
+        if "trend" in self.features:
+            cols.append(margin_evidence(*self.trend(x.uid_G, margin(img, txt, same).cpu())))
+        return torch.stack(cols, dim=1), z_loss, loss
+
+    def key(self, x) -> torch.Tensor:
+        ev_GF, z_loss, loss_G = self.evidence(x)
+        G = ev_GF.shape[0]
+        u = torch.rand(2, G, generator=torch.Generator().manual_seed(x.seed), dtype=torch.float64)
+        noisy = torch.zeros(G, dtype=torch.bool)
+        # Whether there is noise, and how much: the loss's one- vs two-component BIC and its
+        # mixture's noise share (noisy pairs form a high-loss mode: NCR, DivideMix). Consistency
+        # and margins are bounded and skewed even on clean data, so they only rank the rows.
+        two_loss = fit_gmm(z_loss[:, None], 2)
+        if self.gate.observe(bic_gain(fit_gmm(z_loss[:, None], 1), two_loss, G)):
+            share = float(two_loss.weight_K[int(torch.argmax(two_loss.mean_KF[:, 0]))])
+            fit = two_loss if self.features == ("loss",) else fit_gmm(ev_GF, 2)
+            p_noisy = monotone(fit.resp_GK[:, int(torch.argmax(fit.mean_KF.sum(1)))], ev_GF.sum(1))
+            noisy = soft_tiers(1 - p_noisy, share, self.opt.gamma, u[0])
+        clean = ~noisy
+        key = 1.0 + u[1]
+        self.learned_G = None
+        # InfoBatch only on rows the mixture calls clean: with the gate closed there is no noise
+        # model, and 'above the mean loss' would keep the noisy rows first
+        if self.prune == "infobatch" and self.gate.is_open and bool(clean.any()):
+            self.learned_G = clean & (loss_G < loss_G[clean].mean())
+            key = torch.where(self.learned_G, key, key + 1.0)
+        # rows dropped as noisy: below every clean row, least noisy first
+        rank = torch.argsort(torch.argsort(-ev_GF.sum(1)))
+        return torch.where(noisy, rank.double() / G, key)
+
+    def weights(self, kept_G: torch.Tensor) -> torch.Tensor | None:
+        """Per-row loss weights [G] of the step's kept rows (InfoBatch), or None (all 1)."""
+        if self.learned_G is None:
+            return None
+        return infobatch_weights(self.learned_G, kept_G.cpu())
+
+    def stats(self) -> dict[str, float]:
+        return self.gate.stats()
+
+    def state_dict(self) -> dict:
+        return {
+            "gate": self.gate.state_dict(),
+            "trend": self.trend.state_dict() if self.trend is not None else None,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.gate.load_state_dict(sd["gate"])
+        if self.trend is not None:
+            self.trend.load_state_dict(sd["trend"])
+
+
+# name -> (noise-evidence features, pruning among the likely-clean)
+RULES: dict[str, tuple[tuple[str, ...], str]] = {
+    "filter_soft": (("loss",), "random"),
+    "gsc": (("gsc",), "random"),
+    "margin_trend": (("trend",), "random"),
+    "filter_2d": (("loss", "gsc"), "random"),
+    "infobatch": (("loss", "gsc"), "infobatch"),
+}
+
+
+def make_rule(name: str, sc, store_size: int, rank: int, world: int) -> MixtureRule:
+    """The rule object of method ``name`` from the selection config."""
+    features, prune = RULES[name]
+    opt = RuleOptions(
+        gamma=sc.soft_gamma,
+        min_cluster_rows=sc.min_cluster_rows,
+        same_caption_cos=sc.same_caption_cos,
+        gsc_temperature=sc.gsc_temperature,
+        margin_momentum=sc.margin_momentum,
+        gate_momentum=sc.split_momentum,
+    )
+    return MixtureRule(features, prune, opt, store_size, rank, world)

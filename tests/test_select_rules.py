@@ -1,0 +1,256 @@
+"""The rules of issue 19 (pipeline/selection/rules.py), each on constructed inputs, and the
+method registry the config reads. The selector-level guarantees (1 rank == 2 ranks, exact
+resume) are in test_select_selector.py, end to end under ZeRO-3 in test_select_e2e.py."""
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from pipeline.loss import WeightedClipLoss
+from pipeline.selection.methods import METHODS, ScoreInputs, per_sample_clip_loss
+from pipeline.selection.names import SELECTION_METHODS
+from pipeline.selection.rules import (
+    BicGate,
+    MarginTrend,
+    MixtureRule,
+    RuleOptions,
+    bic_gain,
+    fit_gmm,
+    fn_aware_loss,
+    gumbel_keys,
+    infobatch_weights,
+    margin_evidence,
+    same_caption,
+    soft_tiers,
+    structure_consistency,
+)
+
+
+def test_config_method_names_are_the_registry():
+    assert set(METHODS) | {"none"} == set(SELECTION_METHODS)
+    # the config reads the names without importing torch
+    code = "import sys, pipeline.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_bench_configs_name_registered_methods():
+    for path in sorted(Path(__file__).parents[1].glob("configs/bench/*.yaml")):
+        for spec in yaml.safe_load(path.read_text())["methods"]:
+            name = spec.split("+")[0].split(":")[0]
+            assert name in SELECTION_METHODS, (path.name, spec)
+
+
+def _classes(G=48, C=4, D=16, seed=0):
+    """Images and captions of C classes in two unaligned spaces (an early model: the cross-modal
+    cosine says little), each class a tight cluster in both. Returns img, txt, class."""
+    gen = torch.Generator().manual_seed(seed)
+    cls = torch.arange(G) % C
+    rot = torch.linalg.qr(torch.randn(D, D, generator=gen))[0]  # image space = rotated text space
+    centre = torch.eye(D)[:C] * 3
+    txt = F.normalize(centre[cls] + 0.3 * torch.randn(G, D, generator=gen), dim=-1)
+    img = F.normalize(centre[cls] @ rot + 0.3 * torch.randn(G, D, generator=gen), dim=-1)
+    return img, txt, cls, rot, gen
+
+
+def test_structure_consistency_tells_a_swap_from_a_hard_clean_pair():
+    img, txt, cls, rot, gen = _classes()
+    D = img.shape[1]
+    txt[0] = txt[1]  # pair 0 (class 0) carries class 1's caption: swapped
+    # pair 4 (class 0) is hard: its image is far from its class's centre, but still nearest it
+    img[4] = F.normalize(torch.eye(D)[0] * 3 @ rot + 2.5 * torch.randn(D, generator=gen), dim=0)
+    c = structure_consistency(img, txt, temperature=0.1)
+    cross = (img * txt).sum(1)
+    assert cross[4] < 0.5 and abs(cross[4] - cross[0]) < 0.6  # the cross-modal view: no verdict
+    assert c[0] == c.min() and c[4] > c[0] + 0.2
+    assert (c[1:] > c[0]).all()
+
+
+def test_bic_says_one_component_on_unimodal_data_at_any_scale_and_two_on_a_mixture():
+    gen = torch.Generator().manual_seed(0)
+    G = 256
+    one_mode = torch.randn(G, 2, generator=gen, dtype=torch.float64)
+    one_mode[:, 1] = 0.6 * one_mode[:, 0] + 0.8 * one_mode[:, 1]  # correlated features
+    two_modes = torch.randn(G, 2, generator=gen, dtype=torch.float64)
+    two_modes[: int(0.35 * G)] += 4.0  # 35% noisy rows, shifted in both features
+    for scale, shift in ((1e-3, 5.0), (1.0, 0.0), (1e3, -2e3)):
+        for cols in ([0], [0, 1]):
+            x1, x2 = one_mode[:, cols] * scale + shift, two_modes[:, cols] * scale + shift
+            assert bic_gain(fit_gmm(x1, 1), fit_gmm(x1, 2), G) < 0, (scale, cols)
+            assert bic_gain(fit_gmm(x2, 1), fit_gmm(x2, 2), G) > 0, (scale, cols)
+            fit = fit_gmm(x2, 2)
+            assert float(fit.weight_K.min()) == pytest.approx(0.35, abs=0.03)
+
+
+def test_bic_gate_follows_the_running_gain_and_round_trips():
+    gate = BicGate(momentum=0.5)
+    assert not gate.is_open and gate.stats() == {}
+    assert gate.observe(0.2) and not gate.observe(-0.6)  # 0.2, then 0.5*0.2 - 0.3 = -0.2
+    other = BicGate(momentum=0.5)
+    other.load_state_dict(gate.state_dict())
+    assert other.stats() == gate.stats()
+    assert gate.stats() == {"select/bic_gain": pytest.approx(-0.2), "select/filtering": 0.0}
+
+
+@pytest.mark.parametrize("gamma", [1.0, 2.0])
+def test_gumbel_top_k_draws_in_proportion_to_the_posterior_power(gamma):
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    u = torch.rand(n, 4, generator=gen, dtype=torch.float64)
+    first = gumbel_keys(p.log(), gamma, u).argmax(1)  # n draws at once (broadcast)
+    freq = torch.bincount(first, minlength=4).double() / n
+    want = p**gamma / (p**gamma).sum()
+    assert torch.allclose(freq, want, atol=0.015), (freq, want)
+
+
+def test_soft_keep_drops_no_more_than_the_estimated_noise_share():
+    gen = torch.Generator().manual_seed(1)
+    clean = torch.rand(100, generator=gen, dtype=torch.float64)
+    for share in (0.0, 0.13, 0.4):
+        noisy = soft_tiers(clean, share, 1.0, torch.rand(100, generator=gen))
+        assert int(noisy.sum()) == round(share * 100)
+    # the rows called noisy are mostly the low-posterior ones, not all of them (soft)
+    hits = torch.zeros(100)
+    for _ in range(300):
+        hits += soft_tiers(clean, 0.3, 1.0, torch.rand(100, generator=gen)).double()
+    assert torch.corrcoef(torch.stack([hits, clean]))[0, 1] < -0.5
+    lowest = clean.argsort()[:30]
+    assert 0 < hits[lowest].min() and hits[lowest].max() < 300  # each drawn, none always
+
+
+def test_margin_trend_keeps_a_rising_pair_that_is_still_low():
+    trend = MarginTrend(store_size=8, rank=0, world=1, momentum=0.5)
+    uid = torch.arange(8)
+    # uids 0-5 sit at 0.2; uid 6 rises from -0.4 to -0.1; uid 7 stays at -0.1
+    for m6 in (-0.4, -0.25, -0.1):
+        level, tr = trend(uid, torch.tensor([0.2] * 6 + [m6, -0.1], dtype=torch.float64))
+    assert level[6] < level[7] and tr[6] > 0.1 and abs(tr[7]) < 1e-6
+    ev = margin_evidence(level, tr)  # high = noisy
+    assert ev[6] < ev[7] and ev[7] == ev.max()
+    again = MarginTrend(store_size=8, rank=0, world=1, momentum=0.5)
+    again.load_state_dict(trend.state_dict())
+    assert torch.equal(again(uid, level)[0], trend(uid, level)[0])
+
+
+def test_infobatch_rescaling_keeps_the_expected_gradient():
+    # 10 learned rows of which 4 are kept, every subset equally likely (the random pruning): over
+    # all 210 subsets the mean weighted sum of a per-row quantity (a gradient) over the kept rows
+    # is exactly its sum over all rows; without the weights it would be short by 6/10 of the group
+    gen = torch.Generator().manual_seed(0)
+    learned = torch.zeros(16, dtype=torch.bool)
+    learned[:10] = True
+    grad = torch.randn(16, 3, generator=gen, dtype=torch.float64)
+    subsets = list(itertools.combinations(range(10), 4))
+    total = torch.zeros(3, dtype=torch.float64)
+    for sub in subsets:
+        kept = ~learned.clone()  # the 6 hard clean rows are always kept
+        kept[list(sub)] = True
+        w = infobatch_weights(learned, kept).double()
+        assert torch.all(w[~learned] == 1) and torch.all(w[learned & kept] == 2.5)
+        total += (w[kept, None] * grad[kept]).sum(0)
+    assert torch.allclose(total / len(subsets), grad.sum(0), atol=1e-12)
+
+
+def _rule_inputs(seed=0):
+    """256 pairs of 8 classes, 96 of them (37.5%) with another class's caption, from a model that
+    has learned a little (image and text spaces aligned)."""
+    gen = torch.Generator().manual_seed(seed)
+    G, C, D = 256, 8, 16
+    cls = torch.arange(G) % C
+    noisy = torch.zeros(G, dtype=torch.bool)
+    noisy[torch.randperm(G, generator=gen)[:96]] = True
+    cap = torch.where(noisy, (cls + torch.randint(1, C, (G,), generator=gen)) % C, cls)
+    centre = torch.eye(D)[:C] * 3
+    img = F.normalize(centre[cls] + 0.8 * torch.randn(G, D, generator=gen), dim=-1)
+    txt = F.normalize(centre[cap] + 0.8 * torch.randn(G, D, generator=gen), dim=-1)
+    x = ScoreInputs(feats=(img, txt, torch.tensor(10.0)), uid_G=torch.arange(G), seed=seed)
+    return x, noisy
+
+
+def _auc(score_noisy, noisy):
+    pos, neg = score_noisy[noisy], score_noisy[~noisy]
+    return float((pos[:, None] > neg[None, :]).double().mean())
+
+
+@pytest.mark.parametrize("name", ["filter_soft", "gsc", "filter_2d", "infobatch"])
+def test_rules_rank_swapped_captions_last_and_infobatch_keeps_hard_clean_first(name):
+    from pipeline.selection.rules import RULES
+
+    features, prune = RULES[name]
+    opt = RuleOptions(1.0, 8, 0.995, 0.1, 0.5, 0.0)
+    rule = MixtureRule(features, prune, opt, store_size=256, rank=0, world=1)
+    x, noisy = _rule_inputs()
+    key = rule.key(x)
+    assert rule.gate.is_open
+    dropped = key < 1  # the rows dropped as noisy: mostly noisy, about as many as given
+    assert 60 <= int(dropped.sum()) <= 130
+    assert float(noisy[dropped].double().mean()) > 0.7
+    assert _auc(-key[dropped], noisy[dropped]) > 0.6  # the least noisy of them first
+    if prune == "infobatch":
+        w = rule.weights(key >= torch.sort(key, descending=True).values[127])
+        loss = fn_aware_loss(*x.feats, same_caption(x.feats[1], 0.995))
+        hard = key >= 2
+        assert hard.any() and (loss[hard].min() >= loss[(key >= 1) & ~hard].max())
+        assert w is not None and float(w.max()) >= 1
+    else:
+        assert rule.weights(key > 0.5) is None
+
+
+@pytest.mark.parametrize("name", ["filter_soft", "gsc", "margin_trend", "filter_2d", "infobatch"])
+def test_rules_are_random_selection_on_clean_data(name):
+    # no noise (a skewed but unimodal loss): the BIC gate stays closed, nothing is dropped as
+    # noisy and every rule, infobatch too, orders the rows at random with unit loss weights
+    from pipeline.selection.rules import RULES
+
+    gen = torch.Generator().manual_seed(3)
+    G, D = 256, 16
+    img = F.normalize(torch.randn(G, D, generator=gen), dim=-1)
+    txt = F.normalize(img + 0.1 * torch.randn(G, D, generator=gen), dim=-1)
+    opt = RuleOptions(1.0, 8, 0.995, 0.1, 0.5, 0.0)
+    rule = MixtureRule(*RULES[name], opt, store_size=G, rank=0, world=1)
+    x = ScoreInputs(feats=(img, txt, torch.tensor(10.0)), uid_G=torch.arange(G), seed=5)
+    key = rule.key(x)
+    u = torch.rand(2, G, generator=torch.Generator().manual_seed(5), dtype=torch.float64)[1]
+    assert not rule.gate.is_open and torch.equal(key, 1.0 + u)
+    assert rule.weights(key > 1.5) is None
+
+
+def test_fn_aware_loss_does_not_count_an_identical_caption_as_a_negative():
+    gen = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(6, 8, generator=gen), dim=-1)
+    txt = F.normalize(torch.randn(6, 8, generator=gen), dim=-1)
+    txt[1] = txt[0]  # rows 0 and 1 have the same caption
+    same = same_caption(txt, 0.995)
+    assert same.sum() == 2 and same[0, 1] and same[1, 0]
+    aware = fn_aware_loss(img, txt, torch.tensor(10.0), same)
+    keep = [0, 2, 3, 4, 5]
+    without_1 = per_sample_clip_loss(img[keep], txt[keep], torch.tensor(10.0))
+    assert aware[0] == pytest.approx(float(without_1[0]), abs=1e-5)
+    plain = per_sample_clip_loss(img, txt, torch.tensor(10.0))
+    assert plain[0] > aware[0] + 1e-3
+
+
+def test_weighted_clip_loss_is_clip_loss_at_unit_weights():
+    from open_clip import ClipLoss
+
+    gen = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(8, 4, generator=gen), dim=-1).requires_grad_()
+    txt = F.normalize(torch.randn(8, 4, generator=gen), dim=-1)
+    scale = torch.tensor(10.0)
+    ref = ClipLoss()(img, txt, scale)
+    ours = WeightedClipLoss(rank=0, world_size=1)
+    assert torch.allclose(ours(img, txt, scale, torch.ones(8)), ref, atol=1e-6)
+    w = torch.rand(8, generator=gen)
+    want = (w * per_sample_clip_loss(img, txt, scale)).mean()
+    got = ours(img, txt, scale, w)
+    assert torch.allclose(got, want, atol=1e-6)
+    (g1,) = torch.autograd.grad(got, img)
+    (g2,) = torch.autograd.grad(want, img)
+    assert torch.allclose(g1, g2, atol=1e-6)
