@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.selection.names import SELECTION_METHODS
-from pipeline.selection.rules import RULES, MixtureRule, RunningGate
+from pipeline.selection.rules import RULES, MixtureRule, RunningGate, standardise
 from pipeline.selection.store import ScoreStore
 
 
@@ -97,20 +97,6 @@ def _loss(x: ScoreInputs) -> torch.Tensor:
 
 def _dissect(x: ScoreInputs) -> torch.Tensor:
     return differential(x.s_G, x.h_G, centred=x.history != "score_ema")
-
-
-def standardise(x_G: torch.Tensor, group_G: torch.Tensor | None = None) -> torch.Tensor:
-    """(x - mean) / std over the super-batch, or within each group; 0 where the spread is 0. [G]"""
-    x = x_G.detach().double().cpu()
-    if group_G is None:
-        group_G = torch.zeros_like(x, dtype=torch.long)
-    group_G = group_G.cpu()
-    n = torch.bincount(group_G).double()
-    mean = torch.bincount(group_G, weights=x) / n.clamp_min(1)
-    var = torch.bincount(group_G, weights=x * x) / n.clamp_min(1) - mean**2
-    std = var.clamp_min(0).sqrt()[group_G]
-    z = (x - mean[group_G]) / std.clamp_min(1e-12)
-    return torch.where(std > 1e-9, z, torch.zeros_like(z))
 
 
 @dataclass

@@ -88,12 +88,24 @@ def structure_consistency(
 # --- mixtures and the BIC decision ---------------------------------------------------------------
 
 
+def standardise(x_G: torch.Tensor, group_G: torch.Tensor | None = None) -> torch.Tensor:
+    """(x - mean) / std over the super-batch, or within each group; 0 where the spread is 0. [G]"""
+    x = x_G.detach().double().cpu()
+    if group_G is None:
+        group_G = torch.zeros_like(x, dtype=torch.long)
+    group_G = group_G.cpu()
+    n = torch.bincount(group_G).double()
+    mean = torch.bincount(group_G, weights=x) / n.clamp_min(1)
+    var = torch.bincount(group_G, weights=x * x) / n.clamp_min(1) - mean**2
+    std = var.clamp_min(0).sqrt()[group_G]
+    z = (x - mean[group_G]) / std.clamp_min(1e-12)
+    return torch.where(std > 1e-9, z, torch.zeros_like(z))
+
+
 def standardise_min(x_G: torch.Tensor, group_G: torch.Tensor | None, min_rows: int) -> torch.Tensor:
     """Standardised within each group of at least ``min_rows`` rows; a smaller group's rows are
     standardised with the whole super-batch's statistics (a mean and spread of 3 rows say
     little). [G] float64"""
-    from pipeline.selection.methods import standardise
-
     z_all = standardise(x_G)
     if group_G is None:
         return z_all
