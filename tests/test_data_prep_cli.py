@@ -149,7 +149,7 @@ def test_bad_encode_quality_is_one_line_before_any_work(tmp_path, capfd):
         ("shard", ["(default: 256)", "(default: border)", "(default: jpg)", "png 9",
                    "(default: 10000)", "(default: 64)", "(default: 10.0)", "(default: 0)",
                    "(default: incremental)", "(default: url)", "(default: caption)"]),
-        ("demo", ["(default: 64)", "(default: 0.0)", "(default: single)", "(default: 0)",
+        ("demo", ["(default: 64)", "(default: 0)", "(default: single)", "(default: 0)",
                   "default: all 60000", "default: /usr/share/datasets/fashion-mnist"]),
         ("noise", ["(default: 0)"]),
         ("inspect", ["(default: 6)"]),
