@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = sorted((ROOT / "docs").glob("*.md"))  # docs/_incoming/ is the lead's inbox, not checked
+DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [ROOT / "README.md", *DOCS]
 RESULTS = sorted((ROOT / "benchmarks" / "results").glob("*/README.md"))
 TOP = ("pipeline", "data_prep", "dissect_common", "launch", "benchmarks", "configs", "scripts")

@@ -254,3 +254,22 @@ def test_weighted_clip_loss_is_clip_loss_at_unit_weights():
     (g1,) = torch.autograd.grad(got, img)
     (g2,) = torch.autograd.grad(want, img)
     assert torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_bench_configs_are_run_configs_with_known_models_and_metrics():
+    """Each bench config's base (and base + quick) builds as a run config, names a model that
+    configs/models or open_clip's built-ins hold, and ranks by a metric the evaluator writes."""
+    from benchmarks.selection import merge
+    from pipeline.config import config_from_dict
+
+    root = Path(__file__).parents[1]
+    local = {p.stem for p in (root / "configs/models").glob("*.json")}
+    builtin = {"ViT-B-32", "ViT-B-16", "RN50"}  # the built-ins bench configs may name
+    metrics = {f"eval/{p}{m}" for p in ("", "ret_") for m in ("i2t_r1", "i2t_r5", "i2t_r10")}
+    metrics |= {"eval/zeroshot_top1", "eval/zeroshot_top5"}
+    for path in sorted(root.glob("configs/bench/*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        assert spec["metric"] in metrics, (path.name, spec["metric"])
+        for raw in (spec["base"], merge(spec["base"], spec.get("quick", {}))):
+            cfg = config_from_dict(raw)
+            assert cfg.model.name in local | builtin, (path.name, cfg.model.name)

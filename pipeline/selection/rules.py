@@ -5,7 +5,7 @@ Everything runs on the gathered super-batch in float64 (the [G, G] similarities 
 device, the per-row values and mixtures on the CPU), so every rank computes the same numbers with
 no communication beyond the stores' all-reduces.
 
-The parts (each with its source; docs/_incoming/issue19.md has the reasons):
+The parts (each with its source; docs/selection.md has the reasons):
 - ``same_caption``: rows whose text features are (nearly) identical are not negatives of each
   other (false-negative-aware loss; on class-caption data most rows share a caption).
 - ``structure_consistency`` (GSC, CVPR 2024): does a pair's image have the same neighbours among
