@@ -20,6 +20,7 @@ from pipeline.selection.rules import (
     MarginTrend,
     MixtureRule,
     RuleOptions,
+    SwapNullShare,
     bic_gain,
     fit_gmm,
     fn_aware_loss,
@@ -29,6 +30,7 @@ from pipeline.selection.rules import (
     same_caption,
     soft_tiers,
     structure_consistency,
+    swap_rank,
 )
 
 
@@ -179,19 +181,28 @@ def _auc(score_noisy, noisy):
     return float((pos[:, None] > neg[None, :]).double().mean())
 
 
-@pytest.mark.parametrize("name", ["filter_soft", "gsc", "filter_2d", "infobatch"])
+def _make_rule(name, opt, store_size):
+    from pipeline.selection.rules import RULES
+
+    spec = RULES[name]
+    return MixtureRule(spec.features, spec.prune, opt, store_size, 0, 1, spec.share)
+
+
+@pytest.mark.parametrize("name", ["filter_soft", "gsc", "filter_2d", "infobatch", "gsc_null"])
 def test_rules_rank_swapped_captions_last_and_infobatch_keeps_hard_clean_first(name):
     from pipeline.selection.rules import RULES
 
-    features, prune = RULES[name]
+    prune = RULES[name].prune
     opt = RuleOptions(1.0, 8, 0.995, 0.1, 0.5, 0.0)
-    rule = MixtureRule(features, prune, opt, store_size=256, rank=0, world=1)
+    rule = _make_rule(name, opt, store_size=256)
     x, noisy = _rule_inputs()
     key = rule.key(x)
-    assert rule.gate.is_open
+    assert rule.filtering and rule.stats()["select/filtering"] == 1.0
     dropped = key < 1  # the rows dropped as noisy: mostly noisy, about as many as given
     assert 60 <= int(dropped.sum()) <= 130
-    assert float(noisy[dropped].double().mean()) > 0.7
+    # (37.5% given; the swap null's share is an upper bound, 44% here, so it drops more rows
+    # and its bar is lower, still well above the base rate)
+    assert float(noisy[dropped].double().mean()) > (0.5 if RULES[name].share == "null" else 0.7)
     assert _auc(-key[dropped], noisy[dropped]) > 0.6  # the least noisy of them first
     if prune == "infobatch":
         w = rule.weights(key >= torch.sort(key, descending=True).values[127])
@@ -203,23 +214,73 @@ def test_rules_rank_swapped_captions_last_and_infobatch_keeps_hard_clean_first(n
         assert rule.weights(key > 0.5) is None
 
 
-@pytest.mark.parametrize("name", ["filter_soft", "gsc", "margin_trend", "filter_2d", "infobatch"])
+@pytest.mark.parametrize(
+    "name", ["filter_soft", "gsc", "margin_trend", "filter_2d", "infobatch", "gsc_null"]
+)
 def test_rules_are_random_selection_on_clean_data(name):
-    # no noise (a skewed but unimodal loss): the BIC gate stays closed, nothing is dropped as
-    # noisy and every rule, infobatch too, orders the rows at random with unit loss weights
-    from pipeline.selection.rules import RULES
-
+    # no noise (a skewed but unimodal loss): the BIC gate stays closed (gsc_null: the swap-null
+    # share rounds to no row), nothing is dropped as noisy and every rule, infobatch too, orders
+    # the rows at random with unit loss weights
     gen = torch.Generator().manual_seed(3)
     G, D = 256, 16
     img = F.normalize(torch.randn(G, D, generator=gen), dim=-1)
     txt = F.normalize(img + 0.1 * torch.randn(G, D, generator=gen), dim=-1)
     opt = RuleOptions(1.0, 8, 0.995, 0.1, 0.5, 0.0)
-    rule = MixtureRule(*RULES[name], opt, store_size=G, rank=0, world=1)
+    rule = _make_rule(name, opt, store_size=G)
     x = ScoreInputs(feats=(img, txt, torch.tensor(10.0)), uid_G=torch.arange(G), seed=5)
     key = rule.key(x)
     u = torch.rand(2, G, generator=torch.Generator().manual_seed(5), dtype=torch.float64)[1]
-    assert not rule.gate.is_open and torch.equal(key, 1.0 + u)
+    assert not rule.filtering and rule.stats()["select/filtering"] == 0.0
+    assert torch.equal(key, 1.0 + u)
     assert rule.weights(key > 1.5) is None
+
+
+def _swapped(pi, align, seed=0, G=512, D=16):
+    """G pairs, a share pi of them with another pair's caption; align: how well the model has
+    learnt the clean pairs (text = align * image + noise)."""
+    gen = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(G, D, generator=gen), dim=-1)
+    txt = F.normalize(align * img + 0.5 * torch.randn(G, D, generator=gen), dim=-1)
+    noisy = torch.rand(G, generator=gen) < pi
+    txt = torch.where(noisy[:, None], txt[torch.randperm(G, generator=gen)], txt)
+    return img, txt, noisy
+
+
+@pytest.mark.parametrize("pi", [0.0, 0.2, 0.4])
+def test_swap_rank_is_uniform_for_swapped_captions_and_twice_its_tail_is_their_share(pi):
+    img, txt, noisy = _swapped(pi, align=3.0, G=2048)
+    rank = swap_rank(img, txt, same_caption(txt, 0.995))
+    assert float(rank[~noisy].mean()) < 0.02  # a learnt clean pair: its own caption ranks first
+    if pi:  # 400-800 swapped rows: a binomial sd of at most 0.025 on each share below
+        r = rank[noisy]
+        for q in (0.25, 0.5, 0.75):  # uniform on [0, 1] (a triangle's quartiles would fail)
+            assert abs(float((r <= q).double().mean()) - q) < 0.08, q
+    est = SwapNullShare(0.0).observe(rank)
+    assert abs(est - float(noisy.double().mean())) < 0.05
+
+
+def test_swap_rank_is_scale_free_and_excludes_identical_captions():
+    img, txt, _ = _swapped(0.3, align=1.0)
+    same = same_caption(txt, 0.995)
+    assert torch.equal(swap_rank(img, txt, same), swap_rank(5 * img, 0.1 * txt, same))
+    # a caption duplicated on another row is not 'another caption' of either row
+    txt2 = txt.clone()
+    txt2[1] = txt2[0]
+    rank = swap_rank(img, txt2, same_caption(txt2, 0.995))
+    rank_alone = swap_rank(img[1:], txt2[1:], same_caption(txt2[1:], 0.995))
+    assert float(rank[1]) == pytest.approx(float(rank_alone[0]), abs=1e-12)
+
+
+def test_swap_null_share_pools_over_steps_and_round_trips():
+    share = SwapNullShare(0.5)
+    assert share.share == 0.0 and share.stats() == {}
+    share.observe(torch.tensor([0.9, 0.1, 0.1, 0.1]))  # 1 of 4 above 1/2: share 0.5
+    assert share.share == pytest.approx(0.5)
+    share.observe(torch.tensor([0.1, 0.1, 0.1, 0.1]))  # f = 0.5 * 0.25 + 0.5 * 0 = 0.125
+    assert share.share == pytest.approx(0.25)
+    other = SwapNullShare(0.5)
+    other.load_state_dict(share.state_dict())
+    assert other.observe(torch.ones(4)) == share.observe(torch.ones(4)) == pytest.approx(1.0)
 
 
 def test_fn_aware_loss_does_not_count_an_identical_caption_as_a_negative():

@@ -197,6 +197,7 @@ CASES = [
     {"method": "margin_trend"},  # the per-sample margin store, sharded
     {"method": "filter_2d"},
     {"method": "infobatch", "balance": "clusters", "clusters": 3},  # loss weights move too
+    {"method": "gsc_null", "balance": "clusters", "clusters": 3},  # the swap-null share
     {"method": "dissect", "history": "snapshot", "balance": "clusters", "clusters": 3},
     {"method": "small_loss", "balance": "clusters", "clusters": 4},
 ]
@@ -266,6 +267,7 @@ def test_warmup_boundary_of_every_source(tmp_path):
         {"method": "filter_visits", "split_min_d": 0.0},  # the per-sample visit means
         {"method": "margin_trend", "split_momentum": 0.5},  # margin store and the BIC gate
         {"method": "infobatch"},
+        {"method": "gsc_null", "split_momentum": 0.5},  # the swap-null running share
     ],
 )
 def test_resume_from_state_dict_is_exact(tmp_path, sel):

@@ -19,5 +19,6 @@ SELECTION_METHODS = (
     "margin_trend",
     "filter_2d",
     "infobatch",
+    "gsc_null",
     "oracle",
 )

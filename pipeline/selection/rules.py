@@ -15,6 +15,10 @@ The parts (each with its source; docs/selection.md has the reasons):
   level and trend of the unclamped margin; a pair whose margin rises is kept while it is low.
 - ``fit_gmm`` + ``bic_gain`` + ``BicGate``: whether there is noise to filter is a BIC choice
   between one and two Gaussian components: invariant to the features' scale and shift.
+- ``swap_rank`` + ``SwapNullShare`` (the ``*_null`` rules): how much noise there is, from the
+  one thing known about a swapped caption on any data: it is exchangeable with the super-batch's
+  other captions, so its rank among them is uniform. Storey's estimator (2002) of the share of
+  such rows, pooled over steps; about 0 on clean data, where the BIC test still finds two modes.
 - ``soft_tiers``: the kept set is drawn by Gumbel top-k in proportion to P(clean)^gamma, and no
   more rows are dropped as noisy than the mixture's own estimate of the noise share.
 - InfoBatch (ICLR 2024): among the likely-clean rows, only those below the mean loss (already
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -265,6 +270,65 @@ def soft_tiers(
     return noisy
 
 
+# --- the noise share from the swap null ------------------------------------------------------------
+
+
+def swap_rank(img_GD: torch.Tensor, txt_GD: torch.Tensor, same_GG: torch.Tensor) -> torch.Tensor:
+    """Per pair, the share of the super-batch's other captions that match its image at least as
+    well as its own caption (ties count half), averaged with the same share of the other images
+    for its caption; rows with an identical caption are not 'other'. A well-learnt clean pair:
+    near 0. A swapped caption is one more caption of another image, exchangeable with the others:
+    its share is uniform on [0, 1], whatever the data, the model or the training stage. [G]"""
+    cos = torch.nn.functional.normalize(img_GD.double(), dim=-1) @ (
+        torch.nn.functional.normalize(txt_GD.double(), dim=-1).T
+    )
+    own = cos.diagonal()
+    other = ~(same_GG | torch.eye(cos.shape[0], dtype=torch.bool, device=cos.device))
+    n = other.sum(1).double()
+
+    def share(beats: torch.Tensor, ties: torch.Tensor) -> torch.Tensor:
+        hits = ((beats & other).sum(1) + 0.5 * (ties & other).sum(1)).double()
+        return torch.where(n > 0, hits / n.clamp_min(1), torch.zeros_like(n))
+
+    i2t = share(cos > own[:, None], cos == own[:, None])
+    t2i = share(cos.T > own[:, None], cos.T == own[:, None])  # same_GG is symmetric
+    return (0.5 * (i2t + t2i)).cpu()
+
+
+class SwapNullShare:
+    """The noise share as the running share of rows whose ``swap_rank`` exceeds 1/2, times 2
+    (Storey's estimator at lambda = 1/2: a swapped row exceeds it half of the time, a learnt clean
+    row almost never), pooled over steps by ``f <- m f + (1-m) x`` so that a step's decision
+    rests on many super-batches' rows, not on one. At lambda = 1/2 the mean of the two
+    directions' shares keeps the null's P(> 1/2) = 1/2. An upper bound while the model has not
+    learnt the clean pairs (their shares are spread too); caption text about nothing in the set
+    ranks below every other caption and counts up to twice. State: the running share ("f")."""
+
+    def __init__(self, momentum: float):
+        self.momentum = momentum
+        self.f: float | None = None
+
+    def observe(self, rank_G: torch.Tensor) -> float:
+        x = float((rank_G > 0.5).double().mean())
+        self.f = x if self.f is None else self.momentum * self.f + (1 - self.momentum) * x
+        return self.share
+
+    @property
+    def share(self) -> float:
+        return 0.0 if self.f is None else min(1.0, 2.0 * self.f)
+
+    def stats(self) -> dict[str, float]:
+        if self.f is None:
+            return {}
+        return {"select/noise_share": self.share}
+
+    def state_dict(self) -> dict:
+        return {"f": self.f}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.f = sd["f"]
+
+
 # --- the per-sample margin trajectory --------------------------------------------------------------
 
 
@@ -332,6 +396,8 @@ class MixtureRule:
     """Noise evidence (1-2 features, high = noisy) -> a Gaussian mixture -> BIC gate -> soft keep
     of the likely-clean (Gumbel top-k on P(clean), capped by the estimated noise share) ->
     among them random order (prune='random') or InfoBatch (prune='infobatch').
+    share='null': the noise share comes from the swap null (``SwapNullShare``) instead of the
+    loss mixture, and there is no gate: a share that rounds to no row drops none.
 
     Returns a key for the selector's top-k (largest kept): 2 + u for a likely-clean row it must
     keep first (InfoBatch: above the clean rows' mean loss), 1 + u for a likely-clean row it may
@@ -347,10 +413,14 @@ class MixtureRule:
         store_size: int,
         rank: int,
         world: int,
+        share: str = "bic",
     ):
         assert set(features) <= {"loss", "gsc", "trend"} and prune in ("random", "infobatch")
+        assert share in ("bic", "null"), share
         self.features, self.prune, self.opt = features, prune, opt
         self.gate = BicGate(opt.gate_momentum)
+        self.null = SwapNullShare(opt.gate_momentum) if share == "null" else None
+        self.filtering = False  # did this step drop rows as noisy (or could it, by its share)
         self.trend = (
             MarginTrend(store_size, rank, world, opt.margin_momentum)
             if "trend" in features
@@ -383,10 +453,20 @@ class MixtureRule:
         # Whether there is noise, and how much: the loss's one- vs two-component BIC and its
         # mixture's noise share (noisy pairs form a high-loss mode: NCR, DivideMix). Consistency
         # and margins are bounded and skewed even on clean data, so they only rank the rows.
-        two_loss = fit_gmm(z_loss[:, None], 2)
-        if self.gate.observe(bic_gain(fit_gmm(z_loss[:, None], 1), two_loss, G)):
+        # ... or (share='null') from the swap null: no mixture decides whether, nor how much
+        two_loss = None
+        if self.null is not None:
+            img, txt, _ = x.feats
+            same = same_caption(txt, self.opt.same_caption_cos)
+            share = self.null.observe(swap_rank(img, txt, same))
+            self.filtering = round(share * G) >= 1
+        else:
+            two_loss = fit_gmm(z_loss[:, None], 2)
+            self.filtering = self.gate.observe(bic_gain(fit_gmm(z_loss[:, None], 1), two_loss, G))
             share = float(two_loss.weight_K[int(torch.argmax(two_loss.mean_KF[:, 0]))])
-            fit = two_loss if self.features == ("loss",) else fit_gmm(ev_GF, 2)
+        if self.filtering:
+            same_fit = two_loss is not None and self.features == ("loss",)
+            fit = two_loss if same_fit else fit_gmm(ev_GF, 2)
             p_noisy = monotone(fit.resp_GK[:, int(torch.argmax(fit.mean_KF.sum(1)))], ev_GF.sum(1))
             noisy = soft_tiers(1 - p_noisy, share, self.opt.gamma, u[0])
         clean = ~noisy
@@ -394,7 +474,7 @@ class MixtureRule:
         self.learned_G = None
         # InfoBatch only on rows the mixture calls clean: with the gate closed there is no noise
         # model, and 'above the mean loss' would keep the noisy rows first
-        if self.prune == "infobatch" and self.gate.is_open and bool(clean.any()):
+        if self.prune == "infobatch" and self.filtering and bool(clean.any()):
             self.learned_G = clean & (loss_G < loss_G[clean].mean())
             key = torch.where(self.learned_G, key, key + 1.0)
         # rows dropped as noisy: below every clean row, least noisy first
@@ -408,33 +488,45 @@ class MixtureRule:
         return infobatch_weights(self.learned_G, kept_G.cpu())
 
     def stats(self) -> dict[str, float]:
+        if self.null is not None:
+            st = self.null.stats()
+            return {**st, "select/filtering": float(self.filtering)} if st else {}
         return self.gate.stats()
 
     def state_dict(self) -> dict:
         return {
             "gate": self.gate.state_dict(),
+            "null": self.null.state_dict() if self.null is not None else None,
             "trend": self.trend.state_dict() if self.trend is not None else None,
         }
 
     def load_state_dict(self, sd: dict) -> None:
         self.gate.load_state_dict(sd["gate"])
+        if self.null is not None:
+            self.null.load_state_dict(sd["null"])
         if self.trend is not None:
             self.trend.load_state_dict(sd["trend"])
 
 
-# name -> (noise-evidence features, pruning among the likely-clean)
-RULES: dict[str, tuple[tuple[str, ...], str]] = {
-    "filter_soft": (("loss",), "random"),
-    "gsc": (("gsc",), "random"),
-    "margin_trend": (("trend",), "random"),
-    "filter_2d": (("loss", "gsc"), "random"),
-    "infobatch": (("loss", "gsc"), "infobatch"),
+class RuleSpec(NamedTuple):
+    features: tuple[str, ...]  # the noise evidence
+    prune: str  # among the likely-clean: "random" or "infobatch"
+    share: str = "bic"  # the noise share and whether to filter: "bic" (loss mixture) or "null"
+
+
+RULES: dict[str, RuleSpec] = {
+    "filter_soft": RuleSpec(("loss",), "random"),
+    "gsc": RuleSpec(("gsc",), "random"),
+    "margin_trend": RuleSpec(("trend",), "random"),
+    "filter_2d": RuleSpec(("loss", "gsc"), "random"),
+    "infobatch": RuleSpec(("loss", "gsc"), "infobatch"),
+    "gsc_null": RuleSpec(("gsc",), "random", "null"),
 }
 
 
 def make_rule(name: str, sc, store_size: int, rank: int, world: int) -> MixtureRule:
     """The rule object of method ``name`` from the selection config."""
-    features, prune = RULES[name]
+    spec = RULES[name]
     opt = RuleOptions(
         gamma=sc.soft_gamma,
         min_cluster_rows=sc.min_cluster_rows,
@@ -443,4 +535,4 @@ def make_rule(name: str, sc, store_size: int, rank: int, world: int) -> MixtureR
         margin_momentum=sc.margin_momentum,
         gate_momentum=sc.split_momentum,
     )
-    return MixtureRule(features, prune, opt, store_size, rank, world)
+    return MixtureRule(spec.features, spec.prune, opt, store_size, rank, world, spec.share)
