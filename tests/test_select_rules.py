@@ -185,7 +185,7 @@ def _make_rule(name, opt, store_size):
     from pipeline.selection.rules import RULES
 
     spec = RULES[name]
-    return MixtureRule(spec.features, spec.prune, opt, store_size, 0, 1, spec.share)
+    return MixtureRule(spec.features, spec.prune, opt, store_size, 0, 1, spec.share, spec.draw)
 
 
 @pytest.mark.parametrize("name", ["filter_soft", "gsc", "filter_2d", "infobatch", "gsc_null"])

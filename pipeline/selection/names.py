@@ -20,5 +20,7 @@ SELECTION_METHODS = (
     "filter_2d",
     "infobatch",
     "gsc_null",
+    "gsc_rank",
+    "swap_null",
     "oracle",
 )

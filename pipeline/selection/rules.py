@@ -11,6 +11,9 @@ The parts (each with its source; docs/selection.md has the reasons):
 - ``structure_consistency`` (GSC, CVPR 2024): does a pair's image have the same neighbours among
   the images as its caption among the captions? A swapped pair's two neighbourhoods disagree;
   a hard clean pair's agree even while its cross-modal similarity is low. Needs no history.
+- ``swap_rank`` as evidence (``swap_null``): how far a pair's own caption ranks among the
+  super-batch's other captions for its image (and its image among the other images): a
+  rank form of the cross-modal agreement, free of the loss's scale and temperature.
 - ``MarginTrend`` (AUM, NeurIPS 2020; Confidence Tracking, AAAI 2025): per-sample running
   level and trend of the unclamped margin; a pair whose margin rises is kept while it is low.
 - ``fit_gmm`` + ``bic_gain`` + ``BicGate``: whether there is noise to filter is a BIC choice
@@ -21,6 +24,8 @@ The parts (each with its source; docs/selection.md has the reasons):
   such rows, pooled over steps; about 0 on clean data, where the BIC test still finds two modes.
 - ``soft_tiers``: the kept set is drawn by Gumbel top-k in proportion to P(clean)^gamma, and no
   more rows are dropped as noisy than the mixture's own estimate of the noise share.
+  ``rank_tiers`` (``draw='rank'``): the rows of most evidence are dropped, by rank, with no
+  mixture: the estimated share says how many, the evidence which.
 - InfoBatch (ICLR 2024): among the likely-clean rows, only those below the mean loss (already
   learned) are pruned, at random, and the kept ones of that group are up-weighted so that the
   expected gradient is unchanged (``MixtureRule.weights``).
@@ -270,6 +275,14 @@ def soft_tiers(
     return noisy
 
 
+def rank_tiers(evidence_G: torch.Tensor, noise_share: float) -> torch.Tensor:
+    """Bool [G]: the round(noise_share * G) rows of most noise evidence (ties: lower row first)."""
+    G = evidence_G.shape[0]
+    noisy = torch.zeros(G, dtype=torch.bool)
+    noisy[torch.argsort(-evidence_G, stable=True)[: int(round(noise_share * G))]] = True
+    return noisy
+
+
 # --- the noise share from the swap null ------------------------------------------------------------
 
 
@@ -398,6 +411,8 @@ class MixtureRule:
     among them random order (prune='random') or InfoBatch (prune='infobatch').
     share='null': the noise share comes from the swap null (``SwapNullShare``) instead of the
     loss mixture, and there is no gate: a share that rounds to no row drops none.
+    draw='rank' (with share='null'): the rows dropped as noisy are the share's count of most
+    evidence (``rank_tiers``), no mixture and no soft draw.
 
     Returns a key for the selector's top-k (largest kept): 2 + u for a likely-clean row it must
     keep first (InfoBatch: above the clean rows' mean loss), 1 + u for a likely-clean row it may
@@ -414,10 +429,14 @@ class MixtureRule:
         rank: int,
         world: int,
         share: str = "bic",
+        draw: str = "soft",
     ):
-        assert set(features) <= {"loss", "gsc", "trend"} and prune in ("random", "infobatch")
+        assert set(features) <= {"loss", "gsc", "trend", "swap"}, features
+        assert prune in ("random", "infobatch"), prune
         assert share in ("bic", "null"), share
-        self.features, self.prune, self.opt = features, prune, opt
+        # a rank needs a share that does not come from a mixture of the same evidence
+        assert draw == "soft" or (draw == "rank" and share == "null"), (draw, share)
+        self.features, self.prune, self.opt, self.draw = features, prune, opt, draw
         self.gate = BicGate(opt.gate_momentum)
         self.null = SwapNullShare(opt.gate_momentum) if share == "null" else None
         self.filtering = False  # did this step drop rows as noisy (or could it, by its share)
@@ -443,6 +462,8 @@ class MixtureRule:
             cols.append(-standardise_min(structure_consistency(img, txt, temp).cpu(), None, 2))
         if "trend" in self.features:
             cols.append(margin_evidence(*self.trend(x.uid_G, margin(img, txt, same).cpu())))
+        if "swap" in self.features:  # the swap null's own statistic: how far its caption ranks
+            cols.append(swap_rank(img, txt, same))
         return torch.stack(cols, dim=1), z_loss, loss
 
     def key(self, x) -> torch.Tensor:
@@ -464,7 +485,9 @@ class MixtureRule:
             two_loss = fit_gmm(z_loss[:, None], 2)
             self.filtering = self.gate.observe(bic_gain(fit_gmm(z_loss[:, None], 1), two_loss, G))
             share = float(two_loss.weight_K[int(torch.argmax(two_loss.mean_KF[:, 0]))])
-        if self.filtering:
+        if self.filtering and self.draw == "rank":
+            noisy = rank_tiers(ev_GF.sum(1), share)
+        elif self.filtering:
             same_fit = two_loss is not None and self.features == ("loss",)
             fit = two_loss if same_fit else fit_gmm(ev_GF, 2)
             p_noisy = monotone(fit.resp_GK[:, int(torch.argmax(fit.mean_KF.sum(1)))], ev_GF.sum(1))
@@ -512,6 +535,7 @@ class RuleSpec(NamedTuple):
     features: tuple[str, ...]  # the noise evidence
     prune: str  # among the likely-clean: "random" or "infobatch"
     share: str = "bic"  # the noise share and whether to filter: "bic" (loss mixture) or "null"
+    draw: str = "soft"  # which rows are dropped as noisy: "soft" (Gumbel on P(clean)) or "rank"
 
 
 RULES: dict[str, RuleSpec] = {
@@ -521,6 +545,8 @@ RULES: dict[str, RuleSpec] = {
     "filter_2d": RuleSpec(("loss", "gsc"), "random"),
     "infobatch": RuleSpec(("loss", "gsc"), "infobatch"),
     "gsc_null": RuleSpec(("gsc",), "random", "null"),
+    "gsc_rank": RuleSpec(("gsc",), "random", "null", "rank"),
+    "swap_null": RuleSpec(("swap",), "random", "null", "rank"),
 }
 
 
@@ -535,4 +561,6 @@ def make_rule(name: str, sc, store_size: int, rank: int, world: int) -> MixtureR
         margin_momentum=sc.margin_momentum,
         gate_momentum=sc.split_momentum,
     )
-    return MixtureRule(spec.features, spec.prune, opt, store_size, rank, world, spec.share)
+    return MixtureRule(
+        spec.features, spec.prune, opt, store_size, rank, world, spec.share, spec.draw
+    )
