@@ -198,6 +198,8 @@ CASES = [
     {"method": "filter_2d"},
     {"method": "infobatch", "balance": "clusters", "clusters": 3},  # loss weights move too
     {"method": "gsc_null", "balance": "clusters", "clusters": 3},  # the swap-null share
+    {"method": "gsc_rank"},
+    {"method": "swap_null", "balance": "clusters", "clusters": 3},  # drop by rank of swap_rank
     {"method": "dissect", "history": "snapshot", "balance": "clusters", "clusters": 3},
     {"method": "small_loss", "balance": "clusters", "clusters": 4},
 ]
@@ -268,6 +270,7 @@ def test_warmup_boundary_of_every_source(tmp_path):
         {"method": "margin_trend", "split_momentum": 0.5},  # margin store and the BIC gate
         {"method": "infobatch"},
         {"method": "gsc_null", "split_momentum": 0.5},  # the swap-null running share
+        {"method": "swap_null", "split_momentum": 0.5},
     ],
 )
 def test_resume_from_state_dict_is_exact(tmp_path, sel):
