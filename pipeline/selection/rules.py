@@ -447,9 +447,10 @@ class MixtureRule:
         )
         self.learned_G: torch.Tensor | None = None  # the step's prunable group (InfoBatch)
 
-    def evidence(self, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def evidence(self, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(noise evidence [G, F] of the rule's features, the standardised FN-aware loss [G], the
-        loss itself [G]) of the gathered rows; high evidence = noisy."""
+        loss itself [G], the ``swap_rank`` [G] where the swap null or a feature needs it, else
+        None) of the gathered rows; high evidence = noisy."""
         img, txt, scale = x.feats
         same = same_caption(txt, self.opt.same_caption_cos)
         loss = fn_aware_loss(img, txt, scale, same).cpu()
@@ -462,12 +463,14 @@ class MixtureRule:
             cols.append(-standardise_min(structure_consistency(img, txt, temp).cpu(), None, 2))
         if "trend" in self.features:
             cols.append(margin_evidence(*self.trend(x.uid_G, margin(img, txt, same).cpu())))
+        need_swap = self.null is not None or "swap" in self.features
+        swap_G = swap_rank(img, txt, same) if need_swap else None
         if "swap" in self.features:  # the swap null's own statistic: how far its caption ranks
-            cols.append(swap_rank(img, txt, same))
-        return torch.stack(cols, dim=1), z_loss, loss
+            cols.append(swap_G)
+        return torch.stack(cols, dim=1), z_loss, loss, swap_G
 
     def key(self, x) -> torch.Tensor:
-        ev_GF, z_loss, loss_G = self.evidence(x)
+        ev_GF, z_loss, loss_G, swap_G = self.evidence(x)
         G = ev_GF.shape[0]
         u = torch.rand(2, G, generator=torch.Generator().manual_seed(x.seed), dtype=torch.float64)
         noisy = torch.zeros(G, dtype=torch.bool)
@@ -477,9 +480,7 @@ class MixtureRule:
         # ... or (share='null') from the swap null: no mixture decides whether, nor how much
         two_loss = None
         if self.null is not None:
-            img, txt, _ = x.feats
-            same = same_caption(txt, self.opt.same_caption_cos)
-            share = self.null.observe(swap_rank(img, txt, same))
+            share = self.null.observe(swap_G)
             self.filtering = round(share * G) >= 1
         else:
             two_loss = fit_gmm(z_loss[:, None], 2)
