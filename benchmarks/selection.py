@@ -25,7 +25,10 @@ seeds with a +-1 sd band).
 
 A finished run is reused only when its bench.json stamp (the run's config hash, the code's
 commit and dirty state) matches this invocation; a finished run that does not match stops the
-bench with one line, unless --rerun-stale reruns it.
+bench with one line, unless --rerun-stale reruns it. --reuse-commit C (repeatable) also accepts
+runs finished at the clean commit C with the same config (for rows a code change cannot touch, such
+as `random` and `oracle` beside a newly added rule); the table's header then names every commit its
+rows come from, and each row of results.csv keeps its own.
 """
 
 from __future__ import annotations
@@ -150,13 +153,22 @@ class Run:
     def stamp(self, base: dict, version: dict) -> dict:
         return {"config_hash": config_hash(base, self.overrides), **version}
 
-    def stale(self, want: dict) -> str:
-        """'' when the finished run matches ``want``, else what differs (one phrase)."""
+    def stale(self, want: dict, accept_commits: tuple[str, ...] = ()) -> str:
+        """'' when the finished run matches ``want`` (or differs only by being from a clean
+        commit that starts with one of ``accept_commits``), else what differs (one phrase)."""
         stamp_file = self.dir / "bench.json"
         if not stamp_file.exists():
             return "it has no bench.json stamp (made before stamps, or by hand)"
         have = json.loads(stamp_file.read_text())
-        diff = [f"{k} {have.get(k)!r} != {want[k]!r}" for k in want if have.get(k) != want[k]]
+        accepted = have.get("dirty") is False and any(
+            str(have.get("commit", "")).startswith(c) for c in accept_commits
+        )
+        version_keys = ("commit", "dirty", "tree") if accepted else ()
+        diff = [
+            f"{k} {have.get(k)!r} != {want[k]!r}"
+            for k in want
+            if k not in version_keys and have.get(k) != want[k]
+        ]
         return ", ".join(diff)
 
 
@@ -544,7 +556,7 @@ def run_bench(config: Path, out: Path, args, cmd: str) -> str:
     for run in runs:
         want = run.stamp(base, version)
         if (run.dir / "eval.json").exists():
-            why = run.stale(want)
+            why = run.stale(want, tuple(args.reuse_commit))
             if not why:
                 print(f"[bench] {run.method} seed {run.seed}: reusing {run.dir}", file=sys.stderr)
                 continue
@@ -613,6 +625,14 @@ def main(argv=None) -> int:
         action="store_true",
         help="rerun finished runs whose config or code version differ (default: stop)",
     )
+    ap.add_argument(
+        "--reuse-commit",
+        action="append",
+        default=[],
+        metavar="COMMIT",
+        help="also reuse runs finished at this clean commit (a prefix of at least 7 hex digits) "
+        "with the same config; the table names every commit; repeatable",
+    )
     ap.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun)")
     ap.add_argument(
         "--timeout", type=float, default=3600, help="seconds per run before it is killed"
@@ -621,6 +641,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.jobs < 1:
         ap.error("--seeds and --jobs must be at least 1")
+    for c in args.reuse_commit:
+        if len(c) < 7 or any(ch not in "0123456789abcdef" for ch in c.lower()):
+            ap.error(f"--reuse-commit {c!r}: give a commit's hex prefix of at least 7 digits")
 
     cmd = "python -m benchmarks.selection " + " ".join(
         shlex.quote(a) for a in (argv or sys.argv[1:])

@@ -167,6 +167,51 @@ def test_selection_seeds_intervals_and_versioned_reuse(tmp_path, monkeypatch):
     assert "code c2 (dirty)." in (out / "results.md").read_text()
 
 
+def test_selection_reuses_runs_of_a_named_clean_commit_and_names_every_commit(
+    tmp_path, monkeypatch
+):
+    """A rule added at a later commit is measured beside random/oracle runs of an earlier one,
+    only when asked, only for clean runs of the same config, and the table says so."""
+    import benchmarks.selection as sel
+
+    calls = []
+    monkeypatch.setattr(sel, "run_one", fake_run(calls))
+    monkeypatch.setattr(sel, "plot", lambda *a: None)
+    spec = {"metric": "eval/top1", "methods": ["random", "oracle"], "base": {"run": {"seed": 0}}}
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    argv = ["--config", str(cfg), "--out", str(out), "--seeds", "2"]
+    old = {"commit": "aaaaaaa111", "dirty": False, "tree": ""}
+    monkeypatch.setattr(sel, "code_version", lambda: old)
+    assert sel.main(argv) == 0 and len(calls) == 4
+    monkeypatch.setattr(sel, "code_version", lambda: {**old, "commit": "bbbbbbb222"})
+    more = [*argv, "--methods", "random,oracle,rule:memory"]
+    with pytest.raises(SystemExit, match="commit 'aaaaaaa111' != 'bbbbbbb222'"):
+        sel.main(more)
+    with pytest.raises(SystemExit):  # not a commit prefix
+        sel.main([*more, "--reuse-commit", "aaa"])
+    # another commit's prefix, or the same commit with another config: still refused
+    with pytest.raises(SystemExit, match="commit 'aaaaaaa111'"):
+        sel.main([*more, "--reuse-commit", "ccccccc"])
+    with pytest.raises(SystemExit, match="config_hash"):
+        sel.main([*more, "--reuse-commit", "aaaaaaa", "optim.lr=0.1"])
+    calls.clear()
+    assert sel.main([*more, "--reuse-commit", "aaaaaaa"]) == 0
+    assert sorted(calls) == [("rule:memory", 0), ("rule:memory", 1)]
+    rows = {(r["method"], r["seed"]): r for r in csv.DictReader(open(out / "results.csv"))}
+    assert rows[("random", "0")]["commit"] == "aaaaaaa111"
+    assert rows[("rule:memory", "1")]["commit"] == "bbbbbbb222"
+    assert "code aaaaaaa111, bbbbbbb222." in (out / "results.md").read_text()
+    # a dirty run is never reused by commit: its tree is not that commit
+    (out / "runs" / "oracle" / "s0" / "bench.json").write_text(
+        json.dumps({**json.loads((out / "runs" / "oracle" / "s0" / "bench.json").read_text()),
+                    "dirty": True, "tree": "x"})
+    )  # fmt: skip
+    with pytest.raises(SystemExit, match="dirty True != False"):
+        sel.main([*more, "--reuse-commit", "aaaaaaa"])
+
+
 def test_t_quantiles():
     from benchmarks.selection import interval, t975
 
