@@ -334,3 +334,75 @@ def test_digits_dataset_for_the_external_check(tmp_path):
     # a noisy caption names another digit than the image shows; clean ones name the right one
     assert all(names[m["label"]] not in t for m, t in noisy)
     assert all(names[m["label"]] in t for m, _, t in clean)
+
+
+def _swapped_pairs(G: int, noisy_share: float, seed: int = 0):
+    """Features of a model that has learnt its clean pairs (text = image + small noise), with
+    the captions of the first round(share G) rows exchanged in a cycle (each now belongs to one
+    other row, as a swapped web caption does)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    img = torch.nn.functional.normalize(torch.randn(G, 32, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(img + 0.1 * torch.randn(G, 32, generator=g), dim=-1)
+    n = int(round(noisy_share * G))
+    txt[:n] = txt[:n].roll(1, dims=0)
+    noisy = torch.zeros(G, dtype=torch.bool)
+    noisy[:n] = True
+    perm = torch.randperm(G, generator=g)
+    return img[perm], txt[perm], noisy[perm]
+
+
+def test_ranking_probe_finds_swapped_captions_and_estimates_their_share():
+    import torch
+
+    from benchmarks.ranking import EVIDENCE, auc, score_batch
+    from pipeline.config import SelectionConfig
+    from pipeline.selection.rules import make_rule
+
+    rules = {k: make_rule(r, SelectionConfig(), 1, 0, 1) for k, r in EVIDENCE.items()}
+    img, txt, noisy = _swapped_pairs(256, 0.4)
+    out = score_batch(rules, (img, txt, torch.tensor(20.0)), noisy, seed=0, gamma=1.0)
+    assert out["true_share"] == pytest.approx(102 / 256)
+    # a learnt model: every evidence ranks the swapped rows first (consistency less sharply:
+    # random features have little neighbourhood structure to compare)
+    for name in EVIDENCE:
+        assert out[f"{name}_prec"] > 0.8 and out[f"{name}_auc"] > 0.9, (name, out)
+    assert out["swap_rank_prec"] > 0.95 and out["loss_prec"] > 0.95, out
+    # a swapped caption's rank among the others is uniform: twice the share above 1/2 ~ 0.4
+    assert abs(out["null_share"] - 0.4) < 0.15
+    # an untrained model: no evidence ranks better than chance, and the null says so too
+    g = torch.Generator().manual_seed(1)
+    rand = [torch.nn.functional.normalize(torch.randn(256, 32, generator=g), dim=-1) for _ in "it"]
+    out = score_batch(rules, (*rand, torch.tensor(20.0)), noisy, seed=0, gamma=1.0)
+    assert all(abs(out[f"{n}_auc"] - 0.5) < 0.12 for n in EVIDENCE), out
+    assert out["null_share"] > 0.7  # an upper bound while nothing is learnt
+    assert auc(torch.tensor([1.0, 1.0]), torch.tensor([True, False])) == 0.5
+
+
+def test_ranking_probe_on_a_run_directory(tmp_path):
+    """The command end to end on a run directory (an untrained model, so only the plumbing and
+    the ground truth are asserted), and a clear error on a directory that is not a run."""
+    import torch
+
+    from benchmarks.ranking import main
+    from pipeline.model import build_model
+
+    write_digit_shards(tmp_path / "train", n_shards=2, per_shard=64, noise=0.5)
+    cfg = yaml.safe_load(open("configs/tiny-cpu.yaml"))
+    cfg["data"].update(train=str(tmp_path / "train"), batch_size=16)
+    cfg["selection"] = {"ratio": 0.5}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    torch.save(build_model("tiny-vit").model.state_dict(), run / "model.pt")
+    out = tmp_path / "ranking.md"
+    assert main(["--runs", str(run), "--batches", "3", "--out", str(out)]) == 0
+    text = out.read_text()
+    row = next(ln for ln in text.splitlines() if ln.startswith(f"| {run} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:3] == ["32", "3"]  # G = 16 / 0.5, three super-batches
+    assert 0.3 < float(cells[3]) < 0.7  # the shards' noisy flags, read as ground truth
+    assert "swap_rank rank: prec" in text and text.startswith("`python -m benchmarks.ranking")
+    with pytest.raises(SystemExit, match="has no config.yaml"):
+        main(["--runs", str(tmp_path / "train")])
