@@ -237,6 +237,24 @@ def test_rules_rank_swapped_captions_last_and_infobatch_keeps_hard_clean_first(n
         assert rule.weights(key > 0.5) is None
 
 
+@pytest.mark.parametrize("name", [n for n in RULES if n != "margin_trend"])
+def test_a_rule_computes_the_per_sample_loss_only_where_it_reads_it(name, monkeypatch):
+    """The FN-aware loss is one more [G, G] pass per step: the swap-null rules that neither rank
+    by it nor prune by it (InfoBatch) skip it, and their keys do not change."""
+    import pipeline.selection.rules as rules
+
+    spec = RULES[name]
+    opt = RuleOptions(1.0, 8, 0.995, 0.1, 0.5, 0.0)
+    x, _ = _rule_inputs()
+    want = _make_rule(name, opt, store_size=256).key(x)
+    calls = []
+    real = rules.fn_aware_loss
+    monkeypatch.setattr(rules, "fn_aware_loss", lambda *a: calls.append(1) or real(*a))
+    assert torch.equal(_make_rule(name, opt, store_size=256).key(x), want)
+    reads = "loss" in spec.features or spec.share == "bic" or spec.prune == "infobatch"
+    assert bool(calls) == reads, (name, calls)
+
+
 @pytest.mark.parametrize("name", list(RULES))
 def test_rules_are_random_selection_on_clean_data(name):
     # no noise (a skewed but unimodal loss): the BIC gate stays closed (gsc_null: the swap-null

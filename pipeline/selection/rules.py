@@ -447,14 +447,19 @@ class MixtureRule:
         )
         self.learned_G: torch.Tensor | None = None  # the step's prunable group (InfoBatch)
 
-    def evidence(self, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(noise evidence [G, F] of the rule's features, the standardised FN-aware loss [G], the
-        loss itself [G], the ``swap_rank`` [G] where the swap null or a feature needs it, else
-        None) of the gathered rows; high evidence = noisy."""
+    def evidence(
+        self, x
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(noise evidence [G, F] of the rule's features, the standardised FN-aware loss [G] and
+        the loss itself [G] where a feature, the BIC share or InfoBatch needs them, the
+        ``swap_rank`` [G] where the swap null or a feature needs it; None where not needed) of
+        the gathered rows; high evidence = noisy."""
         img, txt, scale = x.feats
         same = same_caption(txt, self.opt.same_caption_cos)
-        loss = fn_aware_loss(img, txt, scale, same).cpu()
-        z_loss = standardise_min(box_cox(loss), x.cluster_G, self.opt.min_cluster_rows)
+        z_loss = loss = None
+        if "loss" in self.features or self.null is None or self.prune == "infobatch":
+            loss = fn_aware_loss(img, txt, scale, same).cpu()
+            z_loss = standardise_min(box_cox(loss), x.cluster_G, self.opt.min_cluster_rows)
         cols = []
         if "loss" in self.features:
             cols.append(z_loss)
