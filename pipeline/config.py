@@ -176,7 +176,9 @@ class SelectionConfig:
     # exceeds split_min_d (0: always); the running mean has momentum split_momentum
     split_min_d: float = 2.5
     split_momentum: float = 0.9
-    visit_momentum: float = 0.75  # filter_visits: per-sample loss mean v <- m v + (1-m) z
+    # filter_visits, swap_mean: per-sample mean over visits v <- m v + (1-m) x (of the loss's
+    # z, of swap_rank)
+    visit_momentum: float = 0.75
     # the rules of issue 19 (filter_soft, gsc, margin_trend, filter_2d, infobatch): see
     # pipeline/selection/rules.py. Whether to filter is a BIC test (no threshold to set).
     soft_gamma: float = 1.0  # kept set drawn by Gumbel top-k in proportion to P(clean)^gamma

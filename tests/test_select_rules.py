@@ -154,6 +154,45 @@ def test_rank_keep_drops_noisier_rows_than_the_soft_draw_on_the_same_evidence():
     assert float(noisy[key < 1].double().mean()) > 0.9
 
 
+def _class_visit(visit, G=256, C=8, D=16):
+    """The same 256 pairs of 8 classes (96 with another class's caption, fixed) seen again: each
+    visit draws fresh feature noise around the class centres, as each epoch's augmentations and
+    updated weights do; a swapped class caption is not learnt over visits."""
+    gen = torch.Generator().manual_seed(0)
+    cls = torch.arange(G) % C
+    noisy = torch.zeros(G, dtype=torch.bool)
+    noisy[torch.randperm(G, generator=gen)[:96]] = True
+    cap = torch.where(noisy, (cls + torch.randint(1, C, (G,), generator=gen)) % C, cls)
+    centre = torch.eye(D)[:C] * 3
+    g = torch.Generator().manual_seed(100 + visit)
+    img = F.normalize(centre[cls] + 1.2 * torch.randn(G, D, generator=g), dim=-1)
+    txt = F.normalize(centre[cap] + 1.2 * torch.randn(G, D, generator=g), dim=-1)
+    feats = (img, txt, torch.tensor(10.0))
+    return ScoreInputs(feats=feats, uid_G=torch.arange(G), seed=visit), noisy
+
+
+def test_swap_mean_ranks_by_the_visits_mean_and_is_swap_null_at_first_sight():
+    opt = RuleOptions(1.0, 8, 0.995, 0.1, 0.5, 0.0)
+    mean, null = _make_rule("swap_mean", opt, 256), _make_rule("swap_null", opt, 256)
+    precision = []
+    for visit in range(6):
+        x, noisy = _class_visit(visit)
+        k_mean, k_null = mean.key(x), null.key(x)
+        if visit == 0:  # nothing stored yet: the mean is this visit's swap_rank
+            assert torch.equal(k_mean, k_null)
+        precision.append([float(noisy[k < 1].double().mean()) for k in (k_mean, k_null)])
+    # one visit's rank is noisy; its running mean is less so: from the third visit on, the mean
+    # drops clearly noisier rows, from the same count (the swap null's share)
+    later = precision[2:]
+    assert all(m >= n for m, n in later), precision
+    assert sum(m - n for m, n in later) / len(later) > 0.08, precision
+    # the per-sample means round-trip through the rule's state (checkpoints)
+    again = _make_rule("swap_mean", opt, 256)
+    again.load_state_dict(mean.state_dict())
+    x, _ = _class_visit(6)
+    assert torch.equal(again.key(x), mean.key(x))
+
+
 def test_margin_trend_keeps_a_rising_pair_that_is_still_low():
     trend = MarginTrend(store_size=8, rank=0, world=1, momentum=0.5)
     uid = torch.arange(8)

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.selection.names import SELECTION_METHODS
-from pipeline.selection.rules import RULES, MixtureRule, RunningGate, standardise
-from pipeline.selection.store import ScoreStore
+from pipeline.selection.rules import RULES, MixtureRule, RunningGate, VisitMean, standardise
 
 
 @dataclass
@@ -182,28 +181,6 @@ def _filter_visits(x: ScoreInputs) -> torch.Tensor:
     # state of the model), so the average separates them better (as AUM and O2U-Net average
     # over epochs). A sample seen once (single-pass data) is filter_random.
     return _filter(x, x.visits(x.uid_G, _cluster_z(x)))
-
-
-class VisitMean:
-    """Per-sample running mean over visits, ``v <- m v + (1 - m) x`` (``v = x`` at first sight),
-    in a ScoreStore sharded like the memory history (one all-reduce of G floats per step)."""
-
-    def __init__(self, store_size: int, rank: int, world: int, momentum: float):
-        self.store = ScoreStore(store_size, rank, world)
-        self.momentum = momentum
-
-    def __call__(self, uid_G: torch.Tensor, x_G: torch.Tensor) -> torch.Tensor:
-        old_G, known_G = self.store.read(uid_G)
-        m = self.momentum
-        new_G = torch.where(known_G, m * old_G.double() + (1 - m) * x_G.double(), x_G.double())
-        self.store.write(uid_G, new_G)
-        return new_G
-
-    def state_dict(self) -> dict:
-        return self.store.state_dict()
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.store.load_state_dict(sd)
 
 
 def _rule(x: ScoreInputs) -> torch.Tensor:

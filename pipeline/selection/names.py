@@ -22,5 +22,6 @@ SELECTION_METHODS = (
     "gsc_null",
     "gsc_rank",
     "swap_null",
+    "swap_mean",
     "oracle",
 )

@@ -14,6 +14,10 @@ The parts (each with its source; docs/selection.md has the reasons):
 - ``swap_rank`` as evidence (``swap_null``): how far a pair's own caption ranks among the
   super-batch's other captions for its image (and its image among the other images): a
   rank form of the cross-modal agreement, free of the loss's scale and temperature.
+  ``VisitMean`` of it (``swap_mean``): its running mean over the sample's visits, in a
+  per-sample store; a swapped caption that cannot be learnt stays near 1/2 over visits while
+  one visit's draw may fall low, so the mean ranks it with less noise (DISSect's and AUM's
+  point, that a pair's history says more than one step), with no new constant.
 - ``MarginTrend`` (AUM, NeurIPS 2020; Confidence Tracking, AAAI 2025): per-sample running
   level and trend of the unclamped margin; a pair whose margin rises is kept while it is low.
 - ``fit_gmm`` + ``bic_gain`` + ``BicGate``: whether there is noise to filter is a BIC choice
@@ -345,6 +349,28 @@ class SwapNullShare:
 # --- the per-sample margin trajectory --------------------------------------------------------------
 
 
+class VisitMean:
+    """Per-sample running mean over visits, ``v <- m v + (1 - m) x`` (``v = x`` at first sight),
+    in a ScoreStore sharded like the memory history (one all-reduce of G floats per step)."""
+
+    def __init__(self, store_size: int, rank: int, world: int, momentum: float):
+        self.store = ScoreStore(store_size, rank, world)
+        self.momentum = momentum
+
+    def __call__(self, uid_G: torch.Tensor, x_G: torch.Tensor) -> torch.Tensor:
+        old_G, known_G = self.store.read(uid_G)
+        m = self.momentum
+        new_G = torch.where(known_G, m * old_G.double() + (1 - m) * x_G.double(), x_G.double())
+        self.store.write(uid_G, new_G)
+        return new_G
+
+    def state_dict(self) -> dict:
+        return self.store.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.store.load_state_dict(sd)
+
+
 class MarginTrend:
     """Per-sample running level ``L <- m L + (1-m) x`` and trend ``T <- m T + (1-m)(x - L_old)``
     of the margin x (at first sight L = x, T = 0), in two ScoreStores sharded like the memory
@@ -403,6 +429,7 @@ class RuleOptions:
     gsc_temperature: float
     margin_momentum: float
     gate_momentum: float
+    visit_momentum: float = 0.75  # swap_mean: the per-sample running mean of swap_rank
 
 
 class MixtureRule:
@@ -431,7 +458,7 @@ class MixtureRule:
         share: str = "bic",
         draw: str = "soft",
     ):
-        assert set(features) <= {"loss", "gsc", "trend", "swap"}, features
+        assert set(features) <= {"loss", "gsc", "trend", "swap", "swap_mean"}, features
         assert prune in ("random", "infobatch"), prune
         assert share in ("bic", "null"), share
         # a rank needs a share that does not come from a mixture of the same evidence
@@ -443,6 +470,11 @@ class MixtureRule:
         self.trend = (
             MarginTrend(store_size, rank, world, opt.margin_momentum)
             if "trend" in features
+            else None
+        )
+        self.visits = (
+            VisitMean(store_size, rank, world, opt.visit_momentum)
+            if "swap_mean" in features
             else None
         )
         self.learned_G: torch.Tensor | None = None  # the step's prunable group (InfoBatch)
@@ -468,10 +500,12 @@ class MixtureRule:
             cols.append(-standardise_min(structure_consistency(img, txt, temp).cpu(), None, 2))
         if "trend" in self.features:
             cols.append(margin_evidence(*self.trend(x.uid_G, margin(img, txt, same).cpu())))
-        need_swap = self.null is not None or "swap" in self.features
+        need_swap = self.null is not None or {"swap", "swap_mean"} & set(self.features)
         swap_G = swap_rank(img, txt, same) if need_swap else None
         if "swap" in self.features:  # the swap null's own statistic: how far its caption ranks
             cols.append(swap_G)
+        if "swap_mean" in self.features:  # ... averaged over the sample's visits so far
+            cols.append(self.visits(x.uid_G, swap_G))
         return torch.stack(cols, dim=1), z_loss, loss, swap_G
 
     def key(self, x) -> torch.Tensor:
@@ -527,6 +561,7 @@ class MixtureRule:
             "gate": self.gate.state_dict(),
             "null": self.null.state_dict() if self.null is not None else None,
             "trend": self.trend.state_dict() if self.trend is not None else None,
+            "visits": self.visits.state_dict() if self.visits is not None else None,
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -535,6 +570,8 @@ class MixtureRule:
             self.null.load_state_dict(sd["null"])
         if self.trend is not None:
             self.trend.load_state_dict(sd["trend"])
+        if self.visits is not None:
+            self.visits.load_state_dict(sd["visits"])
 
 
 class RuleSpec(NamedTuple):
@@ -553,6 +590,7 @@ RULES: dict[str, RuleSpec] = {
     "gsc_null": RuleSpec(("gsc",), "random", "null"),
     "gsc_rank": RuleSpec(("gsc",), "random", "null", "rank"),
     "swap_null": RuleSpec(("swap",), "random", "null", "rank"),
+    "swap_mean": RuleSpec(("swap_mean",), "random", "null", "rank"),
 }
 
 
@@ -566,6 +604,7 @@ def make_rule(name: str, sc, store_size: int, rank: int, world: int) -> MixtureR
         gsc_temperature=sc.gsc_temperature,
         margin_momentum=sc.margin_momentum,
         gate_momentum=sc.split_momentum,
+        visit_momentum=sc.visit_momentum,
     )
     return MixtureRule(
         spec.features, spec.prune, opt, store_size, rank, world, spec.share, spec.draw
