@@ -23,5 +23,6 @@ SELECTION_METHODS = (
     "gsc_rank",
     "swap_null",
     "swap_mean",
+    "swap_lfdr",
     "oracle",
 )

@@ -30,6 +30,12 @@ The parts (each with its source; docs/selection.md has the reasons):
   more rows are dropped as noisy than the mixture's own estimate of the noise share.
   ``rank_tiers`` (``draw='rank'``): the rows of most evidence are dropped, by rank, with no
   mixture: the estimated share says how many, the evidence which.
+- ``grenander`` + ``null_posterior`` (``swap_lfdr``, ``draw='lfdr'``): Efron's local false
+  discovery rate of ``swap_rank``, from its known null density (uniform) and the ranks' own
+  non-increasing density (Grenander, no bandwidth); ``posterior_tiers`` drops each row with that
+  probability: as the rank does where the model has learnt the clean pairs, spread where it has
+  not (``swap_null``'s failure: ranking by a weak model's evidence keeps exactly the easiest
+  pairs).
 - InfoBatch (ICLR 2024): among the likely-clean rows, only those below the mean loss (already
   learned) are pruned, at random, and the kept ones of that group are up-weighted so that the
   expected gradient is unchanged (``MixtureRule.weights``).
@@ -287,6 +293,22 @@ def rank_tiers(evidence_G: torch.Tensor, noise_share: float) -> torch.Tensor:
     return noisy
 
 
+def posterior_tiers(
+    p_noisy_G: torch.Tensor, noise_share: float, evidence_G: torch.Tensor, u_G: torch.Tensor
+) -> torch.Tensor:
+    """Bool [G]: each row dropped as noisy with its own probability P(noisy) (u < P), no more
+    than round(noise_share * G) of them (beyond it, the drawn rows of least evidence stay).
+    A calibrated posterior makes the expected count its sum, about the share, and drops a row
+    the evidence leaves in doubt as often as it is noisy, not always or never."""
+    n_max = int(round(noise_share * p_noisy_G.shape[0]))
+    drawn = u_G.double() < p_noisy_G.double()
+    if int(drawn.sum()) > n_max:
+        order = torch.argsort(-torch.where(drawn, evidence_G.double(), -math.inf), stable=True)
+        drawn = torch.zeros_like(drawn)
+        drawn[order[:n_max]] = True
+    return drawn
+
+
 # --- the noise share from the swap null ------------------------------------------------------------
 
 
@@ -346,7 +368,49 @@ class SwapNullShare:
         self.f = sd["f"]
 
 
-# --- the per-sample margin trajectory --------------------------------------------------------------
+def grenander(x_G: torch.Tensor) -> torch.Tensor:
+    """The Grenander estimate (1956) of a non-increasing density on [0, 1] at each x: the slope
+    of the least concave majorant of the empirical CDF (with (0, 0) and (1, 1) on it) over the
+    segment that holds x. Non-parametric and free of any bandwidth or bin: the maximum-likelihood
+    density among the non-increasing ones. A mass at x = 0 has infinite density. [G] float64"""
+    xs, counts = torch.unique(x_G.double().clamp(0.0, 1.0), return_counts=True)
+    cdf = torch.cumsum(counts.double(), 0) / x_G.shape[0]
+    px, py = [0.0] + xs.tolist(), [0.0] + cdf.tolist()
+    if px[-1] < 1.0:
+        px.append(1.0)
+        py.append(1.0)
+    hull = [0]  # upper hull, left to right: drop a point on or below its neighbours' chord
+    for i in range(1, len(px)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (py[b] - py[a]) * (px[i] - px[a]) <= (py[i] - py[a]) * (px[b] - px[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    vx = torch.tensor([px[i] for i in hull], dtype=torch.float64)
+    vy = torch.tensor([py[i] for i in hull], dtype=torch.float64)
+    dx, dy = vx[1:] - vx[:-1], vy[1:] - vy[:-1]
+    slope = torch.where(dx > 0, dy / dx.clamp_min(1e-300), torch.full_like(dx, math.inf))
+    # x in (vx[j], vx[j+1]] lies on segment j; x = 0 on the first one (a mass at 0 is vertical)
+    seg = (torch.searchsorted(vx, x_G.double().clamp(0.0, 1.0), right=False) - 1).clamp(0)
+    return slope[seg.clamp_max(len(slope) - 1)]
+
+
+def null_posterior(rank_G: torch.Tensor, pi0: float) -> torch.Tensor:
+    """P(a row's ``swap_rank`` comes from the swap null | its value): Efron's local false
+    discovery rate min(1, pi0 f0(x) / f(x)), with the null density f0 = 1 (a swapped caption's
+    rank is uniform), f the ranks' Grenander density (non-increasing: learnt clean pairs rank
+    low) and pi0 the null's share (``SwapNullShare``: pooled over steps; the Grenander density's
+    own floor is too noisy at a few hundred rows). Where the model has learnt the clean pairs, f
+    is a spike near 0 over a flat floor at pi0: the posterior is near 0 on the spike and 1 on the
+    floor, and a draw from it drops what the rank drops. Where it has not, f is broad and the
+    posterior varies less: the draw spreads over the lower ranks instead of keeping exactly the
+    easiest pairs. [G] float64 in [0, 1]"""
+    return (pi0 / grenander(rank_G)).nan_to_num(0.0).clamp(0.0, 1.0)
+
+
+# --- the per-sample history: visit means, margin trajectory --------------------------------------------------------------
 
 
 class VisitMean:
@@ -439,7 +503,10 @@ class MixtureRule:
     share='null': the noise share comes from the swap null (``SwapNullShare``) instead of the
     loss mixture, and there is no gate: a share that rounds to no row drops none.
     draw='rank' (with share='null'): the rows dropped as noisy are the share's count of most
-    evidence (``rank_tiers``), no mixture and no soft draw.
+    evidence (``rank_tiers``), no mixture and no soft draw. draw='lfdr' (with share='null' and
+    the one feature 'swap'): each row dropped with its own probability, the local false
+    discovery rate of ``swap_rank`` under its known null (``null_posterior``, ``posterior_tiers``),
+    at most the share's count; no mixture.
 
     Returns a key for the selector's top-k (largest kept): 2 + u for a likely-clean row it must
     keep first (InfoBatch: above the clean rows' mean loss), 1 + u for a likely-clean row it may
@@ -462,7 +529,8 @@ class MixtureRule:
         assert prune in ("random", "infobatch"), prune
         assert share in ("bic", "null"), share
         # a rank needs a share that does not come from a mixture of the same evidence
-        assert draw == "soft" or (draw == "rank" and share == "null"), (draw, share)
+        assert draw == "soft" or (draw in ("rank", "lfdr") and share == "null"), (draw, share)
+        assert draw != "lfdr" or features == ("swap",), (draw, features)
         self.features, self.prune, self.opt, self.draw = features, prune, opt, draw
         self.gate = BicGate(opt.gate_momentum)
         self.null = SwapNullShare(opt.gate_momentum) if share == "null" else None
@@ -527,6 +595,8 @@ class MixtureRule:
             share = float(two_loss.weight_K[int(torch.argmax(two_loss.mean_KF[:, 0]))])
         if self.filtering and self.draw == "rank":
             noisy = rank_tiers(ev_GF.sum(1), share)
+        elif self.filtering and self.draw == "lfdr":
+            noisy = posterior_tiers(null_posterior(swap_G, share), share, swap_G, u[0])
         elif self.filtering:
             same_fit = two_loss is not None and self.features == ("loss",)
             fit = two_loss if same_fit else fit_gmm(ev_GF, 2)
@@ -578,7 +648,8 @@ class RuleSpec(NamedTuple):
     features: tuple[str, ...]  # the noise evidence
     prune: str  # among the likely-clean: "random" or "infobatch"
     share: str = "bic"  # the noise share and whether to filter: "bic" (loss mixture) or "null"
-    draw: str = "soft"  # which rows are dropped as noisy: "soft" (Gumbel on P(clean)) or "rank"
+    draw: str = "soft"  # the rows dropped as noisy: "soft" (Gumbel on the mixture's P(clean)),
+    # "rank" (most evidence), "lfdr" (each with the swap null's local false discovery rate)
 
 
 RULES: dict[str, RuleSpec] = {
@@ -591,6 +662,7 @@ RULES: dict[str, RuleSpec] = {
     "gsc_rank": RuleSpec(("gsc",), "random", "null", "rank"),
     "swap_null": RuleSpec(("swap",), "random", "null", "rank"),
     "swap_mean": RuleSpec(("swap_mean",), "random", "null", "rank"),
+    "swap_lfdr": RuleSpec(("swap",), "random", "null", "lfdr"),
 }
 
 
