@@ -25,9 +25,12 @@ from pipeline.selection.rules import (
     bic_gain,
     fit_gmm,
     fn_aware_loss,
+    grenander,
     gumbel_keys,
     infobatch_weights,
     margin_evidence,
+    null_posterior,
+    posterior_tiers,
     rank_tiers,
     same_caption,
     soft_tiers,
@@ -414,3 +417,62 @@ def test_bench_configs_are_run_configs_with_known_models_and_metrics():
         for raw in (spec["base"], merge(spec["base"], spec.get("quick", {}))):
             cfg = config_from_dict(raw)
             assert cfg.model.name in local | builtin, (path.name, cfg.model.name)
+
+
+def test_grenander_is_the_non_increasing_density_of_the_sample():
+    gen = torch.Generator().manual_seed(0)
+    spike = 0.05 * torch.rand(1200, generator=gen)  # 60% on [0, 0.05]: density 12 + 0.4 there
+    x = torch.cat([spike, torch.rand(800, generator=gen)])
+    f = grenander(x)
+    order = torch.argsort(x)
+    assert bool((f[order][1:] <= f[order][:-1] + 1e-12).all())  # non-increasing in x
+    assert 9.0 < float(f[x < 0.04].median()) < 16.0
+    assert 0.3 < float(f[x > 0.3].median()) < 0.5
+    # it is a density: each gap between neighbouring values lies on one hull segment, the one
+    # of its right end, and the slopes over the gaps add up to the CDF's rise, 1
+    xs, first = torch.unique(x.double(), return_inverse=True)
+    f_xs = torch.zeros_like(xs).scatter_(0, first, f)
+    assert float((f_xs * torch.diff(xs, prepend=torch.zeros(1, dtype=torch.float64))).sum()) == (
+        pytest.approx(1.0, abs=1e-9)
+    )
+    # a mass at 0 (pairs whose own caption ranks first) has infinite density
+    assert torch.isinf(grenander(torch.tensor([0.0, 0.0, 0.3, 0.9]))[:2]).all()
+
+
+def test_posterior_tiers_draw_each_row_with_its_probability_and_never_beyond_the_share():
+    p = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.5])
+    ev = torch.tensor([0.9, 0.8, 0.7, 0.95, 0.1, 0.5, 0.6, 0.4])
+    u = torch.tensor([0.3, 0.9, 0.5, 0.0, 0.2, 0.4, 0.6, 0.1])
+    # under the cap: exactly the rows with u < P(noisy); P = 0 is never dropped, P = 1 always
+    assert posterior_tiers(p, 1.0, ev, u).nonzero().flatten().tolist() == [0, 1, 2, 5, 7]
+    # over it (round(0.25 * 8) = 2): the drawn rows of most evidence
+    assert posterior_tiers(p, 0.25, ev, u).nonzero().flatten().tolist() == [0, 1]
+    # in expectation it drops sum(P) rows
+    gen = torch.Generator().manual_seed(0)
+    q = torch.rand(4000, generator=gen, dtype=torch.float64)
+    n = posterior_tiers(q, 1.0, q, torch.rand(4000, generator=gen, dtype=torch.float64)).sum()
+    assert abs(int(n) - float(q.sum())) < 100  # sd about 26
+
+
+def test_swap_lfdr_drops_as_the_rank_where_learnt_and_spreads_where_not():
+    """swap_null's failure, and the reason for swap_lfdr: with a weak model, dropping the null's
+    count by rank keeps exactly the clean pairs of lowest swap_rank (the easiest); the local false
+    discovery rate keeps clean pairs across their ranks, while it still drops noisier rows than
+    chance, and as noisy rows as the rank once the clean pairs are learnt."""
+    opt = RuleOptions(1.0, 8, 0.995, 0.1, 0.5, 0.0)
+    for align, min_prec in ((2.0, 0.9), (0.6, 0.5)):
+        img, txt, noisy = _swapped(0.4, align=align)
+        x = ScoreInputs(feats=(img, txt, torch.tensor(10.0)), uid_G=torch.arange(512), seed=1)
+        rank = swap_rank(img, txt, same_caption(txt, 0.995))
+        kept_rank, prec = {}, {}
+        for name in ("swap_null", "swap_lfdr"):
+            dropped = _make_rule(name, opt, 512).key(x) < 1
+            prec[name] = float(noisy[dropped].double().mean())
+            kept_rank[name] = float(rank[~dropped & ~noisy].mean())
+        assert prec["swap_lfdr"] > min_prec > float(noisy.double().mean())
+        if align < 1:  # weak: the kept clean rows are not the easiest ones only
+            assert kept_rank["swap_lfdr"] > 1.3 * kept_rank["swap_null"]
+    # the posterior itself: near 0 on a learnt spike, near 1 on the null's floor
+    img, txt, noisy = _swapped(0.4, align=2.0)
+    post = null_posterior(swap_rank(img, txt, same_caption(txt, 0.995)), 0.4)
+    assert float(post[~noisy].mean()) < 0.1 and float(post[noisy].mean()) > 0.8
