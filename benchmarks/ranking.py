@@ -9,8 +9,9 @@ evidence (exactly what the rule computes, `MixtureRule.evidence`), the share of 
 the n rows of most evidence, n the super-batch's true noisy count ("precision at the true count":
 what dropping by rank drops when the count is right), and the evidence's AUC against the noisy
 flags; beside them what the mixture's soft draw (Gumbel top-k on P(clean), `soft_tiers`) drops
-at the same count, and the swap null's share estimate of each super-batch alone (unpooled) against
-the true share. The noisy flags are ground truth: benchmarks only, as the oracle is.
+at the same count, what swap_lfdr's draw drops (its local false discovery rate, the true share as
+pi0), and the swap null's share estimate of each super-batch alone (unpooled) against the true
+share. The noisy flags are ground truth: benchmarks only, as the oracle is.
 """
 
 from __future__ import annotations
@@ -39,26 +40,37 @@ def precision_at(dropped_G: torch.Tensor, noisy_G: torch.Tensor) -> float:
 
 def score_batch(rules: dict, feats, noisy_G: torch.Tensor, seed: int, gamma: float) -> dict:
     """{name: value} of one super-batch: precision at the true count and AUC per evidence, the
-    soft draw's precision on gsc's evidence, the unpooled swap-null share and the true share."""
+    soft draw's precision on gsc's evidence, swap_lfdr's draw's, the unpooled swap-null share and
+    the true share."""
     from pipeline.selection.methods import ScoreInputs
-    from pipeline.selection.rules import fit_gmm, monotone, rank_tiers, soft_tiers
+    from pipeline.selection.rules import (
+        SwapNullShare,
+        fit_gmm,
+        mixture_noisy,
+        null_posterior,
+        posterior_tiers,
+        rank_tiers,
+        soft_tiers,
+    )
 
     G = len(noisy_G)
     share = float(noisy_G.double().mean())
     x = ScoreInputs(feats=feats, uid_G=torch.arange(G), seed=seed)
     out = {"true_share": share}
+    u = torch.rand(G, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     for name, rule in rules.items():
         ev_GF, _, _, swap_G = rule.evidence(x)
         ev_G = ev_GF.sum(1)
         out[f"{name}_prec"] = precision_at(rank_tiers(ev_G, share), noisy_G)
         out[f"{name}_auc"] = auc(ev_G, noisy_G)
         if name == "gsc":
-            fit = fit_gmm(ev_GF, 2)
-            p_noisy = monotone(fit.resp_GK[:, int(torch.argmax(fit.mean_KF.sum(1)))], ev_G)
-            u = torch.rand(G, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-            out["gsc_soft_prec"] = precision_at(soft_tiers(1 - p_noisy, share, gamma, u), noisy_G)
-        if swap_G is not None:
-            out["null_share"] = min(1.0, 2.0 * float((swap_G > 0.5).double().mean()))
+            clean = 1 - mixture_noisy(fit_gmm(ev_GF, 2), ev_GF)
+            out["gsc_soft_prec"] = precision_at(soft_tiers(clean, share, gamma, u), noisy_G)
+        if name == "swap_rank":  # swap_lfdr's draw, at the true share as the rank's count
+            lfdr = posterior_tiers(null_posterior(swap_G, share), share, ev_G, u)
+            out["swap_lfdr_prec"] = precision_at(lfdr, noisy_G)
+        if swap_G is not None:  # one super-batch alone: no pooling over steps
+            out["null_share"] = SwapNullShare(0.0).observe(swap_G)
     return out
 
 
@@ -71,6 +83,7 @@ COLUMNS = [
     ("gsc_prec", "gsc rank: prec"),
     ("gsc_auc", "gsc: AUC"),
     ("swap_rank_prec", "swap_rank rank: prec"),
+    ("swap_lfdr_prec", "swap_rank lfdr draw: prec"),
     ("swap_rank_auc", "swap_rank: AUC"),
 ]
 

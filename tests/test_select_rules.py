@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from pipeline.config import SelectionConfig
 from pipeline.loss import WeightedClipLoss
 from pipeline.selection.methods import METHODS, ScoreInputs, per_sample_clip_loss
 from pipeline.selection.names import SELECTION_METHODS
@@ -37,6 +38,20 @@ from pipeline.selection.rules import (
     structure_consistency,
     swap_rank,
 )
+
+
+def _opt() -> RuleOptions:
+    """The rules' options of these tests: no pooling of the share over steps (gate_momentum 0),
+    a few rows per cluster; the visit momentum is the config's."""
+    return RuleOptions(
+        gamma=1.0,
+        min_cluster_rows=8,
+        same_caption_cos=0.995,
+        gsc_temperature=0.1,
+        margin_momentum=0.5,
+        gate_momentum=0.0,
+        visit_momentum=SelectionConfig().visit_momentum,
+    )
 
 
 def test_config_method_names_are_the_registry():
@@ -141,7 +156,7 @@ def test_rank_keep_drops_the_shares_count_of_most_evidence():
 def test_rank_keep_drops_noisier_rows_than_the_soft_draw_on_the_same_evidence():
     # the reason for draw='rank': the loss mixture's posterior over a bounded, skewed evidence is
     # poorly calibrated, and a Gumbel draw from it drops clean rows the evidence ranks as clean
-    opt = RuleOptions(1.0, 8, 0.995, 0.1, 0.5, 0.0)
+    opt = _opt()
     x, noisy = _rule_inputs()
     precision = {}
     for name in ("gsc_null", "gsc_rank", "swap_null"):
@@ -175,7 +190,7 @@ def _class_visit(visit, G=256, C=8, D=16):
 
 
 def test_swap_mean_ranks_by_the_visits_mean_and_is_swap_null_at_first_sight():
-    opt = RuleOptions(1.0, 8, 0.995, 0.1, 0.5, 0.0)
+    opt = _opt()
     mean, null = _make_rule("swap_mean", opt, 256), _make_rule("swap_null", opt, 256)
     precision = []
     for visit in range(6):
@@ -258,7 +273,7 @@ def _make_rule(name, opt, store_size):
 @pytest.mark.parametrize("name", [n for n in RULES if n != "margin_trend"])  # no history here
 def test_rules_rank_swapped_captions_last_and_infobatch_keeps_hard_clean_first(name):
     prune = RULES[name].prune
-    opt = RuleOptions(1.0, 8, 0.995, 0.1, 0.5, 0.0)
+    opt = _opt()
     rule = _make_rule(name, opt, store_size=256)
     x, noisy = _rule_inputs()
     key = rule.key(x)
@@ -286,7 +301,7 @@ def test_a_rule_computes_the_per_sample_loss_only_where_it_reads_it(name, monkey
     import pipeline.selection.rules as rules
 
     spec = RULES[name]
-    opt = RuleOptions(1.0, 8, 0.995, 0.1, 0.5, 0.0)
+    opt = _opt()
     x, _ = _rule_inputs()
     want = _make_rule(name, opt, store_size=256).key(x)
     calls = []
@@ -306,7 +321,7 @@ def test_rules_are_random_selection_on_clean_data(name):
     G, D = 256, 16
     img = F.normalize(torch.randn(G, D, generator=gen), dim=-1)
     txt = F.normalize(img + 0.1 * torch.randn(G, D, generator=gen), dim=-1)
-    opt = RuleOptions(1.0, 8, 0.995, 0.1, 0.5, 0.0)
+    opt = _opt()
     rule = _make_rule(name, opt, store_size=G)
     x = ScoreInputs(feats=(img, txt, torch.tensor(10.0)), uid_G=torch.arange(G), seed=5)
     key = rule.key(x)
@@ -459,7 +474,7 @@ def test_swap_lfdr_drops_as_the_rank_where_learnt_and_spreads_where_not():
     count by rank keeps exactly the clean pairs of lowest swap_rank (the easiest); the local false
     discovery rate keeps clean pairs across their ranks, while it still drops noisier rows than
     chance, and as noisy rows as the rank once the clean pairs are learnt."""
-    opt = RuleOptions(1.0, 8, 0.995, 0.1, 0.5, 0.0)
+    opt = _opt()
     for align, min_prec in ((2.0, 0.9), (0.6, 0.5)):
         img, txt, noisy = _swapped(0.4, align=align)
         x = ScoreInputs(feats=(img, txt, torch.tensor(10.0)), uid_G=torch.arange(512), seed=1)

@@ -265,6 +265,12 @@ def monotone(p_noisy_G: torch.Tensor, evidence_G: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def mixture_noisy(fit: GaussianMixture, ev_GF: torch.Tensor) -> torch.Tensor:
+    """P(noisy) [G] of each row under a two-component fit of its evidence: the responsibility
+    of the component of most evidence, made monotone in the evidence (``monotone``)."""
+    return monotone(fit.resp_GK[:, int(torch.argmax(fit.mean_KF.sum(1)))], ev_GF.sum(1))
+
+
 def gumbel_keys(logp_G: torch.Tensor, gamma: float, u_G: torch.Tensor) -> torch.Tensor:
     """gamma * log p + Gumbel noise: the top-k of these keys is a draw without replacement in
     proportion to p^gamma (the Gumbel-top-k trick). u_G: uniforms in (0, 1). [G] float64"""
@@ -493,7 +499,7 @@ class RuleOptions:
     gsc_temperature: float
     margin_momentum: float
     gate_momentum: float
-    visit_momentum: float = 0.75  # swap_mean: the per-sample running mean of swap_rank
+    visit_momentum: float  # swap_mean: the per-sample running mean of swap_rank
 
 
 class MixtureRule:
@@ -600,8 +606,7 @@ class MixtureRule:
         elif self.filtering:
             same_fit = two_loss is not None and self.features == ("loss",)
             fit = two_loss if same_fit else fit_gmm(ev_GF, 2)
-            p_noisy = monotone(fit.resp_GK[:, int(torch.argmax(fit.mean_KF.sum(1)))], ev_GF.sum(1))
-            noisy = soft_tiers(1 - p_noisy, share, self.opt.gamma, u[0])
+            noisy = soft_tiers(1 - mixture_noisy(fit, ev_GF), share, self.opt.gamma, u[0])
         clean = ~noisy
         key = 1.0 + u[1]
         self.learned_G = None
