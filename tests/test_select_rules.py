@@ -487,6 +487,19 @@ def test_swap_lfdr_drops_as_the_rank_where_learnt_and_spreads_where_not():
         assert prec["swap_lfdr"] > min_prec > float(noisy.double().mean())
         if align < 1:  # weak: the kept clean rows are not the easiest ones only
             assert kept_rank["swap_lfdr"] > 1.3 * kept_rank["swap_null"]
+    # a weak model's share near 1 (0.84 here) leaves fewer rows than a step keeping half: the
+    # rest come from the dropped rows by a draw, not by rank (swap_null keeps exactly the 256 of
+    # lowest swap_rank), and the kept set stays no noisier than the super-batch
+    img, txt, noisy = _swapped(0.4, align=0.15)
+    x = ScoreInputs(feats=(img, txt, torch.tensor(10.0)), uid_G=torch.arange(512), seed=1)
+    rank = swap_rank(img, txt, same_caption(txt, 0.995))
+    top = {}
+    for name in ("swap_null", "swap_lfdr"):
+        key = _make_rule(name, _opt(), 512).key(x)
+        assert int((key < 1).sum()) > 256
+        top[name] = torch.argsort(-key)[:256]
+    assert float(rank[top["swap_lfdr"]].max()) > 1.3 * float(rank[top["swap_null"]].max())
+    assert float(noisy[top["swap_lfdr"]].double().mean()) <= float(noisy.double().mean())
     # the posterior itself: near 0 on a learnt spike, near 1 on the null's floor
     img, txt, noisy = _swapped(0.4, align=2.0)
     post = null_posterior(swap_rank(img, txt, same_caption(txt, 0.995)), 0.4)

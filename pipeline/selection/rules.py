@@ -512,7 +512,8 @@ class MixtureRule:
     evidence (``rank_tiers``), no mixture and no soft draw. draw='lfdr' (with share='null' and
     the one feature 'swap'): each row dropped with its own probability, the local false
     discovery rate of ``swap_rank`` under its known null (``null_posterior``, ``posterior_tiers``),
-    at most the share's count; no mixture.
+    at most the share's count, and the dropped rows ordered by a draw in proportion to P(clean)
+    (not by rank) for a step that keeps more than escaped the drop; no mixture.
 
     Returns a key for the selector's top-k (largest kept): 2 + u for a likely-clean row it must
     keep first (InfoBatch: above the clean rows' mean loss), 1 + u for a likely-clean row it may
@@ -585,8 +586,10 @@ class MixtureRule:
     def key(self, x) -> torch.Tensor:
         ev_GF, z_loss, loss_G, swap_G = self.evidence(x)
         G = ev_GF.shape[0]
-        u = torch.rand(2, G, generator=torch.Generator().manual_seed(x.seed), dtype=torch.float64)
+        gen = torch.Generator().manual_seed(x.seed)
+        u = torch.rand(2, G, generator=gen, dtype=torch.float64)
         noisy = torch.zeros(G, dtype=torch.bool)
+        suspicion = ev_GF.sum(1)  # the order of the dropped rows: most suspect kept last
         # Whether there is noise, and how much: the loss's one- vs two-component BIC and its
         # mixture's noise share (noisy pairs form a high-loss mode: NCR, DivideMix). Consistency
         # and margins are bounded and skewed even on clean data, so they only rank the rows.
@@ -602,7 +605,13 @@ class MixtureRule:
         if self.filtering and self.draw == "rank":
             noisy = rank_tiers(ev_GF.sum(1), share)
         elif self.filtering and self.draw == "lfdr":
-            noisy = posterior_tiers(null_posterior(swap_G, share), share, swap_G, u[0])
+            p_null = null_posterior(swap_G, share)
+            noisy = posterior_tiers(p_null, share, swap_G, u[0])
+            # should the step keep more rows than escaped the drop (a share near 1: a weak
+            # model), it takes dropped rows by a second draw in proportion to P(clean), not by
+            # rank, which would keep a weak model's easiest pairs
+            fill_u = torch.rand(G, generator=gen, dtype=torch.float64)
+            suspicion = -gumbel_keys((1 - p_null).clamp_min(1e-300).log(), 1.0, fill_u)
         elif self.filtering:
             same_fit = two_loss is not None and self.features == ("loss",)
             fit = two_loss if same_fit else fit_gmm(ev_GF, 2)
@@ -615,8 +624,8 @@ class MixtureRule:
         if self.prune == "infobatch" and self.filtering and bool(clean.any()):
             self.learned_G = clean & (loss_G < loss_G[clean].mean())
             key = torch.where(self.learned_G, key, key + 1.0)
-        # rows dropped as noisy: below every clean row, least noisy first
-        rank = torch.argsort(torch.argsort(-ev_GF.sum(1)))
+        # rows dropped as noisy: below every clean row, least suspect first
+        rank = torch.argsort(torch.argsort(-suspicion))
         return torch.where(noisy, rank.double() / G, key)
 
     def weights(self, kept_G: torch.Tensor) -> torch.Tensor | None:
