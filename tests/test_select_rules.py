@@ -40,7 +40,7 @@ from pipeline.selection.rules import (
 )
 
 
-def _opt() -> RuleOptions:
+def _opt(keep_ratio: float = 0.5) -> RuleOptions:
     """The rules' options of these tests: no pooling of the share over steps (gate_momentum 0),
     a few rows per cluster; the visit momentum is the config's."""
     return RuleOptions(
@@ -51,6 +51,7 @@ def _opt() -> RuleOptions:
         margin_momentum=0.5,
         gate_momentum=0.0,
         visit_momentum=SelectionConfig().visit_momentum,
+        keep_ratio=keep_ratio,
     )
 
 
@@ -474,7 +475,7 @@ def test_swap_lfdr_drops_as_the_rank_where_learnt_and_spreads_where_not():
     count by rank keeps exactly the clean pairs of lowest swap_rank (the easiest); the local false
     discovery rate keeps clean pairs across their ranks, while it still drops noisier rows than
     chance, and as noisy rows as the rank once the clean pairs are learnt."""
-    opt = _opt()
+    opt = _opt(keep_ratio=0.3)  # a step keeping 30%: the share (0.39-0.51 here) leaves enough
     for align, min_prec in ((2.0, 0.9), (0.6, 0.5)):
         img, txt, noisy = _swapped(0.4, align=align)
         x = ScoreInputs(feats=(img, txt, torch.tensor(10.0)), uid_G=torch.arange(512), seed=1)
@@ -487,15 +488,23 @@ def test_swap_lfdr_drops_as_the_rank_where_learnt_and_spreads_where_not():
         assert prec["swap_lfdr"] > min_prec > float(noisy.double().mean())
         if align < 1:  # weak: the kept clean rows are not the easiest ones only
             assert kept_rank["swap_lfdr"] > 1.3 * kept_rank["swap_null"]
-    # a weak model's share near 1 (0.84 here) leaves fewer rows than a step keeping half: the
-    # rest come from the dropped rows by a draw, not by rank (swap_null keeps exactly the 256 of
-    # lowest swap_rank), and the kept set stays no noisier than the super-batch
+    # a weak model's share near 1 (0.84 here) leaves fewer rows than a step keeping half:
+    # swap_lfdr drops nothing (a random share), swap_null keeps exactly the 256 rows of lowest
+    # swap_rank; should a step's rounding leave fewer rows than it keeps, the rest come from the
+    # dropped rows by a draw, not by rank, and the kept set stays no noisier than the super-batch
     img, txt, noisy = _swapped(0.4, align=0.15)
     x = ScoreInputs(feats=(img, txt, torch.tensor(10.0)), uid_G=torch.arange(512), seed=1)
     rank = swap_rank(img, txt, same_caption(txt, 0.995))
+    null = _make_rule("swap_null", _opt(), 512)
+    assert int((null.key(x) < 1).sum()) > 256 and null.filtering
+    lfdr = _make_rule("swap_lfdr", _opt(), 512)
+    assert not bool((lfdr.key(x) < 1).any()) and not lfdr.filtering
+    small = _make_rule("swap_lfdr", _opt(keep_ratio=0.15), 512)
+    assert bool((small.key(x) < 1).any()) and small.filtering  # 1 - 0.84 >= 0.15
     top = {}
-    for name in ("swap_null", "swap_lfdr"):
-        key = _make_rule(name, _opt(), 512).key(x)
+    for name, rule in (("swap_null", null), ("swap_lfdr", _make_rule("swap_lfdr", _opt(), 512))):
+        rule.opt.keep_ratio = 0.0  # the fill itself: as if the guard had let the step filter
+        key = rule.key(x)
         assert int((key < 1).sum()) > 256
         top[name] = torch.argsort(-key)[:256]
     assert float(rank[top["swap_lfdr"]].max()) > 1.3 * float(rank[top["swap_null"]].max())

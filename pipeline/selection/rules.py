@@ -500,6 +500,7 @@ class RuleOptions:
     margin_momentum: float
     gate_momentum: float
     visit_momentum: float  # swap_mean: the per-sample running mean of swap_rank
+    keep_ratio: float  # the share of each super-batch a step keeps (selection.ratio)
 
 
 class MixtureRule:
@@ -513,7 +514,8 @@ class MixtureRule:
     the one feature 'swap'): each row dropped with its own probability, the local false
     discovery rate of ``swap_rank`` under its known null (``null_posterior``, ``posterior_tiers``),
     at most the share's count, and the dropped rows ordered by a draw in proportion to P(clean)
-    (not by rank) for a step that keeps more than escaped the drop; no mixture.
+    (not by rank) for a step that keeps more than escaped the drop; no mixture. And it drops
+    nothing while the share leaves fewer rows than the step keeps (1 - share < keep_ratio).
 
     Returns a key for the selector's top-k (largest kept): 2 + u for a likely-clean row it must
     keep first (InfoBatch: above the clean rows' mean loss), 1 + u for a likely-clean row it may
@@ -598,6 +600,11 @@ class MixtureRule:
         if self.null is not None:
             share = self.null.observe(swap_G)
             self.filtering = round(share * G) >= 1
+            if self.draw == "lfdr":
+                # the null's share is an upper bound of the noise; while it leaves fewer rows
+                # than the step keeps, the model does not yet tell its clean pairs from swaps,
+                # and any fill by its evidence is its easiest pairs: keep a random share
+                self.filtering = self.filtering and 1 - share >= self.opt.keep_ratio
         else:
             two_loss = fit_gmm(z_loss[:, None], 2)
             self.filtering = self.gate.observe(bic_gain(fit_gmm(z_loss[:, None], 1), two_loss, G))
@@ -691,6 +698,7 @@ def make_rule(name: str, sc, store_size: int, rank: int, world: int) -> MixtureR
         margin_momentum=sc.margin_momentum,
         gate_momentum=sc.split_momentum,
         visit_momentum=sc.visit_momentum,
+        keep_ratio=sc.ratio,
     )
     return MixtureRule(
         spec.features, spec.prune, opt, store_size, rank, world, spec.share, spec.draw
