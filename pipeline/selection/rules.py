@@ -35,7 +35,7 @@ The parts (each with its source; docs/selection.md has the reasons):
   non-increasing density (Grenander, no bandwidth); ``posterior_tiers`` drops each row with that
   probability: as the rank does where the model has learnt the clean pairs, spread where it has
   not (``swap_null``'s failure: ranking by a weak model's evidence keeps exactly the easiest
-  pairs).
+  pairs); and it drops nothing while the null's share leaves fewer rows than the step keeps.
 - InfoBatch (ICLR 2024): among the likely-clean rows, only those below the mean loss (already
   learned) are pruned, at random, and the kept ones of that group are up-weighted so that the
   expected gradient is unchanged (``MixtureRule.weights``).
