@@ -2,6 +2,7 @@
 method registry the config reads. The selector-level guarantees (1 rank == 2 ranks, exact
 resume) are in test_select_selector.py, end to end under ZeRO-3 in test_select_e2e.py."""
 
+import dataclasses
 import itertools
 import subprocess
 import sys
@@ -513,3 +514,23 @@ def test_swap_lfdr_drops_as_the_rank_where_learnt_and_spreads_where_not():
     img, txt, noisy = _swapped(0.4, align=2.0)
     post = null_posterior(swap_rank(img, txt, same_caption(txt, 0.995)), 0.4)
     assert float(post[~noisy].mean()) < 0.1 and float(post[noisy].mean()) > 0.8
+
+
+def test_swap_lfdr_resumes_exactly_while_it_filters():
+    """The selector-level resume and 1 rank == 2 ranks cases see the fake engine's random
+    features, where the share stays near 1 and swap_lfdr's guard keeps it random; here the draw
+    and the fill run (a learnt model, share about 0.4 < 1 - r), and a rule restored from a
+    mid-run state dict gives the same keys as the one that ran straight."""
+    opt = dataclasses.replace(_opt(), gate_momentum=0.5)  # the share pools over steps: state
+    straight, resumed = _make_rule("swap_lfdr", opt, 512), _make_rule("swap_lfdr", opt, 512)
+    for step in range(4):
+        img, txt, _ = _swapped(0.4, align=2.0, seed=step)
+        x = ScoreInputs(feats=(img, txt, torch.tensor(10.0)), uid_G=torch.arange(512), seed=step)
+        key = straight.key(x)
+        assert straight.filtering and bool((key < 1).any())
+        if step == 1:
+            resumed.load_state_dict(straight.state_dict())
+        elif step > 1:
+            assert torch.equal(resumed.key(x), key)
+    fresh = _make_rule("swap_lfdr", opt, 512)  # without the state, the pooled share differs
+    assert not torch.equal(fresh.key(x), key)

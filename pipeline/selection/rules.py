@@ -379,7 +379,8 @@ def grenander(x_G: torch.Tensor) -> torch.Tensor:
     of the least concave majorant of the empirical CDF (with (0, 0) and (1, 1) on it) over the
     segment that holds x. Non-parametric and free of any bandwidth or bin: the maximum-likelihood
     density among the non-increasing ones. A mass at x = 0 has infinite density. [G] float64"""
-    xs, counts = torch.unique(x_G.double().clamp(0.0, 1.0), return_counts=True)
+    x_G = x_G.double().clamp(0.0, 1.0)
+    xs, counts = torch.unique(x_G, return_counts=True)
     cdf = torch.cumsum(counts.double(), 0) / x_G.shape[0]
     px, py = [0.0] + xs.tolist(), [0.0] + cdf.tolist()
     if px[-1] < 1.0:
@@ -399,7 +400,7 @@ def grenander(x_G: torch.Tensor) -> torch.Tensor:
     dx, dy = vx[1:] - vx[:-1], vy[1:] - vy[:-1]
     slope = torch.where(dx > 0, dy / dx.clamp_min(1e-300), torch.full_like(dx, math.inf))
     # x in (vx[j], vx[j+1]] lies on segment j; x = 0 on the first one (a mass at 0 is vertical)
-    seg = (torch.searchsorted(vx, x_G.double().clamp(0.0, 1.0), right=False) - 1).clamp(0)
+    seg = (torch.searchsorted(vx, x_G, right=False) - 1).clamp(0)
     return slope[seg.clamp_max(len(slope) - 1)]
 
 
@@ -416,7 +417,7 @@ def null_posterior(rank_G: torch.Tensor, pi0: float) -> torch.Tensor:
     return (pi0 / grenander(rank_G)).nan_to_num(0.0).clamp(0.0, 1.0)
 
 
-# --- the per-sample history: visit means, margin trajectory --------------------------------------------------------------
+# --- the per-sample history: visit means, margin trajectory -------------------------------------------
 
 
 class VisitMean:
@@ -591,7 +592,8 @@ class MixtureRule:
         gen = torch.Generator().manual_seed(x.seed)
         u = torch.rand(2, G, generator=gen, dtype=torch.float64)
         noisy = torch.zeros(G, dtype=torch.bool)
-        suspicion = ev_GF.sum(1)  # the order of the dropped rows: most suspect kept last
+        ev_G = ev_GF.sum(1)
+        suspicion = ev_G  # the order of the dropped rows: most suspect kept last
         # Whether there is noise, and how much: the loss's one- vs two-component BIC and its
         # mixture's noise share (noisy pairs form a high-loss mode: NCR, DivideMix). Consistency
         # and margins are bounded and skewed even on clean data, so they only rank the rows.
@@ -610,7 +612,7 @@ class MixtureRule:
             self.filtering = self.gate.observe(bic_gain(fit_gmm(z_loss[:, None], 1), two_loss, G))
             share = float(two_loss.weight_K[int(torch.argmax(two_loss.mean_KF[:, 0]))])
         if self.filtering and self.draw == "rank":
-            noisy = rank_tiers(ev_GF.sum(1), share)
+            noisy = rank_tiers(ev_G, share)
         elif self.filtering and self.draw == "lfdr":
             p_null = null_posterior(swap_G, share)
             noisy = posterior_tiers(p_null, share, swap_G, u[0])
