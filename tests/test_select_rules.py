@@ -269,7 +269,9 @@ def _auc(score_noisy, noisy):
 
 def _make_rule(name, opt, store_size):
     spec = RULES[name]
-    return MixtureRule(spec.features, spec.prune, opt, store_size, 0, 1, spec.share, spec.draw)
+    return MixtureRule(
+        spec.features, spec.prune, opt, store_size, 0, 1, spec.share, spec.draw, spec.guard
+    )
 
 
 @pytest.mark.parametrize("name", [n for n in RULES if n != "margin_trend"])  # no history here
@@ -516,13 +518,29 @@ def test_swap_lfdr_drops_as_the_rank_where_learnt_and_spreads_where_not():
     assert float(post[~noisy].mean()) < 0.1 and float(post[noisy].mean()) > 0.8
 
 
-def test_swap_lfdr_resumes_exactly_while_it_filters():
+def test_swap_guard_is_swap_null_once_learnt_and_random_while_the_share_leaves_too_few():
+    """swap_null's weak-model loop (a share near 1: dropping it by rank keeps only the easiest
+    pairs) is cut by swap_lfdr's guard alone, and the rank's precision is kept where it works."""
+    img, txt, _ = _swapped(0.4, align=2.0)  # learnt: share about 0.4 < 1 - 0.5
+    x = ScoreInputs(feats=(img, txt, torch.tensor(10.0)), uid_G=torch.arange(512), seed=1)
+    guard, null = _make_rule("swap_guard", _opt(), 512), _make_rule("swap_null", _opt(), 512)
+    assert torch.equal(guard.key(x), null.key(x)) and guard.filtering
+    img, txt, _ = _swapped(0.4, align=0.15)  # weak: share about 0.84 > 1 - 0.5
+    x = ScoreInputs(feats=(img, txt, torch.tensor(10.0)), uid_G=torch.arange(512), seed=1)
+    guard, null = _make_rule("swap_guard", _opt(), 512), _make_rule("swap_null", _opt(), 512)
+    assert int((null.key(x) < 1).sum()) > 256 and null.filtering
+    assert not bool((guard.key(x) < 1).any()) and not guard.filtering
+    assert guard.stats()["select/noise_share"] > 0.5  # the share is still logged
+
+
+@pytest.mark.parametrize("name", ["swap_lfdr", "swap_guard"])
+def test_swap_lfdr_resumes_exactly_while_it_filters(name):
     """The selector-level resume and 1 rank == 2 ranks cases see the fake engine's random
     features, where the share stays near 1 and swap_lfdr's guard keeps it random; here the draw
     and the fill run (a learnt model, share about 0.4 < 1 - r), and a rule restored from a
     mid-run state dict gives the same keys as the one that ran straight."""
     opt = dataclasses.replace(_opt(), gate_momentum=0.5)  # the share pools over steps: state
-    straight, resumed = _make_rule("swap_lfdr", opt, 512), _make_rule("swap_lfdr", opt, 512)
+    straight, resumed = _make_rule(name, opt, 512), _make_rule(name, opt, 512)
     for step in range(4):
         img, txt, _ = _swapped(0.4, align=2.0, seed=step)
         x = ScoreInputs(feats=(img, txt, torch.tensor(10.0)), uid_G=torch.arange(512), seed=step)
@@ -532,5 +550,5 @@ def test_swap_lfdr_resumes_exactly_while_it_filters():
             resumed.load_state_dict(straight.state_dict())
         elif step > 1:
             assert torch.equal(resumed.key(x), key)
-    fresh = _make_rule("swap_lfdr", opt, 512)  # without the state, the pooled share differs
+    fresh = _make_rule(name, opt, 512)  # without the state, the pooled share differs
     assert not torch.equal(fresh.key(x), key)

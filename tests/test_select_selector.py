@@ -202,6 +202,7 @@ CASES = [
     {"method": "swap_null", "balance": "clusters", "clusters": 3},  # drop by rank of swap_rank
     {"method": "swap_mean", "balance": "clusters", "clusters": 3},  # its per-sample mean, sharded
     {"method": "swap_lfdr", "balance": "clusters", "clusters": 3},  # a draw from the lfdr
+    {"method": "swap_guard"},  # swap_null's rank with the guard
     {"method": "dissect", "history": "snapshot", "balance": "clusters", "clusters": 3},
     {"method": "small_loss", "balance": "clusters", "clusters": 4},
 ]
@@ -275,6 +276,7 @@ def test_warmup_boundary_of_every_source(tmp_path):
         {"method": "swap_null", "split_momentum": 0.5},
         {"method": "swap_mean", "split_momentum": 0.5},  # the per-sample swap_rank means
         {"method": "swap_lfdr", "split_momentum": 0.5},
+        {"method": "swap_guard", "split_momentum": 0.5},
     ],
 )
 def test_resume_from_state_dict_is_exact(tmp_path, sel):

@@ -24,5 +24,6 @@ SELECTION_METHODS = (
     "swap_null",
     "swap_mean",
     "swap_lfdr",
+    "swap_guard",
     "oracle",
 )

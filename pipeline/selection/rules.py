@@ -35,7 +35,8 @@ The parts (each with its source; docs/selection.md has the reasons):
   non-increasing density (Grenander, no bandwidth); ``posterior_tiers`` drops each row with that
   probability: as the rank does where the model has learnt the clean pairs, spread where it has
   not (``swap_null``'s failure: ranking by a weak model's evidence keeps exactly the easiest
-  pairs); and it drops nothing while the null's share leaves fewer rows than the step keeps.
+  pairs); and it drops nothing while the null's share leaves fewer rows than the step keeps
+  (the guard; ``swap_guard`` is ``swap_null``'s drop by rank with it).
 - InfoBatch (ICLR 2024): among the likely-clean rows, only those below the mean loss (already
   learned) are pruned, at random, and the kept ones of that group are up-weighted so that the
   expected gradient is unchanged (``MixtureRule.weights``).
@@ -516,7 +517,8 @@ class MixtureRule:
     discovery rate of ``swap_rank`` under its known null (``null_posterior``, ``posterior_tiers``),
     at most the share's count, and the dropped rows ordered by a draw in proportion to P(clean)
     (not by rank) for a step that keeps more than escaped the drop; no mixture. And it drops
-    nothing while the share leaves fewer rows than the step keeps (1 - share < keep_ratio).
+    nothing while the share leaves fewer rows than the step keeps (1 - share < keep_ratio):
+    guard=True, which swap_lfdr has and swap_guard adds to swap_null's drop by rank.
 
     Returns a key for the selector's top-k (largest kept): 2 + u for a likely-clean row it must
     keep first (InfoBatch: above the clean rows' mean loss), 1 + u for a likely-clean row it may
@@ -534,6 +536,7 @@ class MixtureRule:
         world: int,
         share: str = "bic",
         draw: str = "soft",
+        guard: bool = False,
     ):
         assert set(features) <= {"loss", "gsc", "trend", "swap", "swap_mean"}, features
         assert prune in ("random", "infobatch"), prune
@@ -541,7 +544,9 @@ class MixtureRule:
         # a rank needs a share that does not come from a mixture of the same evidence
         assert draw == "soft" or (draw in ("rank", "lfdr") and share == "null"), (draw, share)
         assert draw != "lfdr" or features == ("swap",), (draw, features)
+        assert not guard or share == "null", (guard, share)
         self.features, self.prune, self.opt, self.draw = features, prune, opt, draw
+        self.guard = guard
         self.gate = BicGate(opt.gate_momentum)
         self.null = SwapNullShare(opt.gate_momentum) if share == "null" else None
         self.filtering = False  # did this step drop rows as noisy (or could it, by its share)
@@ -602,7 +607,7 @@ class MixtureRule:
         if self.null is not None:
             share = self.null.observe(swap_G)
             self.filtering = round(share * G) >= 1
-            if self.draw == "lfdr":
+            if self.guard:
                 # the null's share is an upper bound of the noise; while it leaves fewer rows
                 # than the step keeps, the model does not yet tell its clean pairs from swaps,
                 # and any fill by its evidence is its easiest pairs: keep a random share
@@ -673,6 +678,7 @@ class RuleSpec(NamedTuple):
     share: str = "bic"  # the noise share and whether to filter: "bic" (loss mixture) or "null"
     draw: str = "soft"  # the rows dropped as noisy: "soft" (Gumbel on the mixture's P(clean)),
     # "rank" (most evidence), "lfdr" (each with the swap null's local false discovery rate)
+    guard: bool = False  # (share='null') drop nothing while 1 - share < selection.ratio
 
 
 RULES: dict[str, RuleSpec] = {
@@ -685,7 +691,8 @@ RULES: dict[str, RuleSpec] = {
     "gsc_rank": RuleSpec(("gsc",), "random", "null", "rank"),
     "swap_null": RuleSpec(("swap",), "random", "null", "rank"),
     "swap_mean": RuleSpec(("swap_mean",), "random", "null", "rank"),
-    "swap_lfdr": RuleSpec(("swap",), "random", "null", "lfdr"),
+    "swap_lfdr": RuleSpec(("swap",), "random", "null", "lfdr", guard=True),
+    "swap_guard": RuleSpec(("swap",), "random", "null", "rank", guard=True),
 }
 
 
@@ -703,5 +710,5 @@ def make_rule(name: str, sc, store_size: int, rank: int, world: int) -> MixtureR
         keep_ratio=sc.ratio,
     )
     return MixtureRule(
-        spec.features, spec.prune, opt, store_size, rank, world, spec.share, spec.draw
+        spec.features, spec.prune, opt, store_size, rank, world, spec.share, spec.draw, spec.guard
     )
