@@ -21,7 +21,6 @@ from pipeline.selection.rules import (
     RULES,
     BicGate,
     MarginTrend,
-    MixtureRule,
     RuleOptions,
     SwapNullShare,
     bic_gain,
@@ -36,6 +35,7 @@ from pipeline.selection.rules import (
     rank_tiers,
     same_caption,
     soft_tiers,
+    spec_rule,
     structure_consistency,
     swap_rank,
 )
@@ -268,10 +268,7 @@ def _auc(score_noisy, noisy):
 
 
 def _make_rule(name, opt, store_size):
-    spec = RULES[name]
-    return MixtureRule(
-        spec.features, spec.prune, opt, store_size, 0, 1, spec.share, spec.draw, spec.guard
-    )
+    return spec_rule(RULES[name], opt, store_size, 0, 1)
 
 
 @pytest.mark.parametrize("name", [n for n in RULES if n != "margin_trend"])  # no history here
@@ -534,11 +531,12 @@ def test_swap_guard_is_swap_null_once_learnt_and_random_while_the_share_leaves_t
 
 
 @pytest.mark.parametrize("name", ["swap_lfdr", "swap_guard"])
-def test_swap_lfdr_resumes_exactly_while_it_filters(name):
+def test_guarded_rules_resume_exactly_while_they_filter(name):
     """The selector-level resume and 1 rank == 2 ranks cases see the fake engine's random
-    features, where the share stays near 1 and swap_lfdr's guard keeps it random; here the draw
-    and the fill run (a learnt model, share about 0.4 < 1 - r), and a rule restored from a
-    mid-run state dict gives the same keys as the one that ran straight."""
+    features, where the share stays near 1 and the guard keeps these rules random; here they
+    filter (a learnt model, share about 0.4 < 1 - r: swap_lfdr's draw and fill, swap_guard's
+    rank), and a rule restored from a mid-run state dict gives the same keys as the one that ran
+    straight."""
     opt = dataclasses.replace(_opt(), gate_momentum=0.5)  # the share pools over steps: state
     straight, resumed = _make_rule(name, opt, 512), _make_rule(name, opt, 512)
     for step in range(4):

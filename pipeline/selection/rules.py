@@ -709,6 +709,11 @@ def make_rule(name: str, sc, store_size: int, rank: int, world: int) -> MixtureR
         visit_momentum=sc.visit_momentum,
         keep_ratio=sc.ratio,
     )
+    return spec_rule(spec, opt, store_size, rank, world)
+
+
+def spec_rule(spec: RuleSpec, opt: RuleOptions, store_size: int, rank: int, world: int):
+    """The rule object of ``spec`` with options ``opt`` (what make_rule builds from the config)."""
     return MixtureRule(
         spec.features, spec.prune, opt, store_size, rank, world, spec.share, spec.draw, spec.guard
     )
