@@ -28,7 +28,10 @@ commit and dirty state) matches this invocation; a finished run that does not ma
 bench with one line, unless --rerun-stale reruns it. --reuse-commit C (repeatable) also accepts
 runs finished at the clean commit C with the same config (for rows a code change cannot touch, such
 as `random` and `oracle` beside a newly added rule); the table's header then names every commit its
-rows come from, and each row of results.csv keeps its own.
+rows come from, and each row of results.csv keeps its own. --reuse-rows CSV (repeatable) takes
+rows of an earlier results.csv for runs whose folders are gone, under the same rule: the row's
+config hash equals this run's and its commit is this clean code's or one named by --reuse-commit.
+Such a row has no curve to draw, and its columns against `none` are those its own table computed.
 """
 
 from __future__ import annotations
@@ -224,6 +227,55 @@ def read_rows(run_dir: Path) -> list[dict]:
     ]
 
 
+# results.csv columns that are not numbers (the rest are floats, or None where left empty)
+TEXT_COLS = ("method", "config_hash", "commit")
+INT_COLS = ("seed", "trained_samples", "threads", "nproc")
+
+
+def read_reused_rows(paths: list[str]) -> dict[tuple[str, int], dict]:
+    """(method, seed) -> a row of earlier results.csv files (the first file that has it wins)."""
+    rows: dict[tuple[str, int], dict] = {}
+    for path in paths:
+        try:
+            with open(path, newline="") as f:
+                got = list(csv.DictReader(f))
+        except OSError as e:
+            raise SystemExit(f"--reuse-rows {path}: cannot read it ({e.strerror})") from None
+        if not got or not {"method", "seed", "final", "config_hash", "commit"} <= set(got[0]):
+            raise SystemExit(f"--reuse-rows {path}: not a bench results.csv (no rows, or no "
+                             "method, seed, final, config_hash and commit columns)")  # fmt: skip
+        for r in got:
+            row: dict = {"_reused_row": True, "_evals": [], "_noisy": []}
+            for k, v in r.items():
+                if k in TEXT_COLS:
+                    row[k] = v
+                elif k == "dirty":
+                    row[k] = v == "True"
+                else:
+                    row[k] = float(v) if v != "" else None
+            for k in INT_COLS:
+                if row.get(k) is not None:
+                    row[k] = int(row[k])
+            rows.setdefault((row["method"], row["seed"]), row)
+    return rows
+
+
+def reused_row_stale(row: dict, want: dict, accept_commits: tuple[str, ...]) -> str:
+    """'' when a row of an earlier results.csv stands for the run ``want`` describes (the same
+    config hash and processes per run; this clean commit or a named clean one), else why not."""
+    if row["config_hash"] != want["config_hash"]:
+        return f"config_hash {row['config_hash']!r} != {want['config_hash']!r}"
+    nproc = row.get("nproc") or 1  # tables from before the column ran 1 process per run
+    if nproc != want["nproc"]:
+        return f"nproc {nproc:g} != {want['nproc']}"
+    if row["dirty"]:
+        return "it ran on a dirty tree"
+    named = any(row["commit"].startswith(c) for c in accept_commits)
+    if not named and (row["commit"] != want["commit"] or want["dirty"]):
+        return f"commit {row['commit']!r} is neither this clean code nor a --reuse-commit"
+    return ""
+
+
 def _mean(xs):
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return sum(xs) / len(xs) if xs else float("nan")
@@ -270,6 +322,7 @@ def summarize(run: Run, metric: str, ratio: float) -> dict:
             else float("nan")
         ),
         "threads": stamp.get("threads"),
+        "nproc": stamp.get("nproc"),
         "config_hash": stamp.get("config_hash"),
         "commit": stamp.get("commit"),
         "dirty": stamp.get("dirty"),
@@ -314,10 +367,15 @@ def per_seed_columns(runs: list[dict]) -> None:
     """Columns of each run measured against `none` and `oracle` of the same seed."""
     by = {(r["method"], r["seed"]): r for r in runs}
     for r in runs:
+        if r.get("_reused_row"):
+            continue  # a row of an earlier results.csv keeps the columns its table computed
         base, oracle = by.get(("none", r["seed"])), by.get(("oracle", r["seed"]))
         target = base["best"] if base else float("nan")
         t = time_to_reach(r["_evals"], target)
-        t_none = time_to_reach(base["_evals"], target) if base else float("nan")
+        if base and base.get("_reused_row"):  # no curve: its time to its own best is its row's
+            t_none = float(base["time_to_none_best_s"] or "nan")
+        else:
+            t_none = time_to_reach(base["_evals"], target) if base else float("nan")
         r["time_to_none_best_s"] = t if base else None  # None: no `none` run to compare with
         # equal compute: the best `none` had reached by the time this method finished
         r["none_at_same_wall_s"] = (
@@ -328,7 +386,9 @@ def per_seed_columns(runs: list[dict]) -> None:
         r["speedup_vs_none"] = t_none / t if t and not math.isnan(t) else float("nan")
         r["best_minus_oracle"] = r["best"] - oracle["best"] if oracle else float("nan")
         r["step_cost_vs_none"] = (
-            r["step_s_per_loaded"] / base["step_s_per_loaded"] if base else float("nan")
+            r["step_s_per_loaded"] / base.get("step_s_per_loaded", float("nan"))
+            if base
+            else float("nan")
         )
 
 
@@ -354,6 +414,7 @@ RUN_COLS = [
     "eval_s",
     "data_s",
     "threads",
+    "nproc",
     "config_hash",
     "commit",
     "dirty",
@@ -552,9 +613,20 @@ def run_bench(config: Path, out: Path, args, cmd: str) -> str:
     runs = [
         Run(m, seed0 + k, out, effective, extra, ratio) for k in range(args.seeds) for m in methods
     ]
+    csv_rows = read_reused_rows(args.reuse_rows)
+    reused: dict[tuple[str, int], dict] = {}
     todo = []
     for run in runs:
         want = run.stamp(base, version)
+        row = csv_rows.get((run.method, run.seed))
+        if row and not (run.dir / "eval.json").exists():
+            why = reused_row_stale(row, want, tuple(args.reuse_commit))
+            if not why:
+                print(f"[bench] {run.method} seed {run.seed}: reusing its row", file=sys.stderr)
+                reused[(run.method, run.seed)] = row
+                continue
+            print(f"[bench] {run.method} seed {run.seed}: not reusing its row ({why})",
+                  file=sys.stderr)  # fmt: skip
         if (run.dir / "eval.json").exists():
             why = run.stale(want, tuple(args.reuse_commit))
             if not why:
@@ -579,7 +651,9 @@ def run_bench(config: Path, out: Path, args, cmd: str) -> str:
     failed = [str(e) for e in errors if e is not None]
     if failed:
         raise SystemExit("\n".join(failed))
-    results = [summarize(run, spec["metric"], ratio) for run in runs]
+    results = [
+        reused.get((run.method, run.seed)) or summarize(run, spec["metric"], ratio) for run in runs
+    ]
     versions = sorted({f"{r['commit'][:10]}{' (dirty)' if r['dirty'] else ''}" for r in results})
     header = (
         f"`{cmd}` ({config.stem}) — started {started}, {os.cpu_count()} CPU cores, {args.nproc} "
@@ -632,6 +706,15 @@ def main(argv=None) -> int:
         metavar="COMMIT",
         help="also reuse runs finished at this clean commit (a prefix of at least 7 hex digits) "
         "with the same config; the table names every commit; repeatable",
+    )
+    ap.add_argument(
+        "--reuse-rows",
+        action="append",
+        default=[],
+        metavar="CSV",
+        help="also take the rows of an earlier results.csv for runs without a finished folder, "
+        "where the row's config hash matches and its commit is this clean code's or a "
+        "--reuse-commit (no curve is drawn for them); repeatable",
     )
     ap.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun)")
     ap.add_argument(

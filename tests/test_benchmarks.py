@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import statistics
 
 import pytest
@@ -210,6 +211,54 @@ def test_selection_reuses_runs_of_a_named_clean_commit_and_names_every_commit(
     )  # fmt: skip
     with pytest.raises(SystemExit, match="dirty True != False"):
         sel.main([*more, "--reuse-commit", "aaaaaaa"])
+
+
+def test_selection_reuses_rows_of_an_earlier_table_whose_runs_are_gone(tmp_path, monkeypatch):
+    """A table is extended after its run folders were deleted: the earlier rows come from its
+    results.csv under the same rule as folders (same config, a named clean commit), and the new
+    rule's differences are taken against those rows."""
+    import benchmarks.selection as sel
+
+    calls = []
+    monkeypatch.setattr(sel, "run_one", fake_run(calls))
+    monkeypatch.setattr(sel, "plot", lambda *a: None)
+    spec = {"metric": "eval/top1", "methods": ["none", "random", "oracle"],
+            "base": {"run": {"seed": 0}, "selection": {"ratio": 0.5}}}  # fmt: skip
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(yaml.safe_dump(spec))
+    first, later = tmp_path / "first", tmp_path / "later"
+    old = {"commit": "aaaaaaa111", "dirty": False, "tree": ""}
+    monkeypatch.setattr(sel, "code_version", lambda: old)
+    assert sel.main(["--config", str(cfg), "--out", str(first), "--seeds", "3"]) == 0
+    kept = tmp_path / "kept.csv"
+    kept.write_text((first / "results.csv").read_text())
+    monkeypatch.setattr(sel, "code_version", lambda: {**old, "commit": "bbbbbbb222"})
+    argv = ["--config", str(cfg), "--out", str(later), "--seeds", "3",
+            "--methods", "none,random,oracle,rule:memory", "--reuse-rows", str(kept)]  # fmt: skip
+    calls.clear()
+    assert sel.main([*argv, "--reuse-commit", "aaaaaaa"]) == 0
+    assert sorted(calls) == [("rule:memory", s) for s in range(3)]  # nothing else retrained
+    rows = {(r["method"], r["seed"]): r for r in csv.DictReader(open(later / "results.csv"))}
+    assert rows[("random", "2")]["commit"] == "aaaaaaa111"
+    assert rows[("random", "2")]["final"] == "0.62" and rows[("random", "2")]["seed"] == "2"
+    assert rows[("rule:memory", "0")]["commit"] == "bbbbbbb222"
+    # the new rule against the earlier oracle: best 0.65 - 0.70
+    assert float(rows[("rule:memory", "0")]["best_minus_oracle"]) == pytest.approx(-0.05)
+    s = {r["method"]: r for r in csv.DictReader(open(later / "summary.csv"))}
+    assert float(s["rule:memory"]["diff_vs_random"]) == pytest.approx(0.16 / 3)
+    assert float(s["rule:memory"]["oracle_gain_share"]) == pytest.approx(1.6 / 3)
+    assert "code aaaaaaa111, bbbbbbb222." in (later / "results.md").read_text()
+    # refused like a folder would be: no named commit, or another config, means a retraining
+    for extra in ([], ["--reuse-commit", "aaaaaaa", "optim.lr=0.1"]):
+        shutil.rmtree(later)
+        calls.clear()
+        assert sel.main([*argv, *extra]) == 0
+        assert len(calls) == 12, extra
+    with pytest.raises(SystemExit, match="--reuse-rows .*missing.csv: cannot read it"):
+        sel.main([*argv, "--reuse-rows", str(tmp_path / "missing.csv")])
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit, match="bad.csv: not a bench results.csv"):
+        sel.main([*argv[:-1], str(tmp_path / "bad.csv")])
 
 
 def test_t_quantiles():
