@@ -32,6 +32,14 @@ rows come from, and each row of results.csv keeps its own. --reuse-rows CSV (rep
 rows of an earlier results.csv for runs whose folders are gone, under the same rule: the row's
 config hash equals this run's and its commit is this clean code's or one named by --reuse-commit.
 Such a row has no curve to draw, and its columns against `none` are those its own table computed.
+
+Code and config do not fix the numbers alone: one machine repeats a run to the last digit, but
+another machine gave final metrics up to 0.016 apart for the same code, config and seed (a
+CPU kernel level, or shards rebuilt there), which is as large as the differences a table
+resolves. So every run is also stamped with its testbed: `data` (a hash of the shard files the
+config names) and `cpu` (torch's version and CPU kernel level). A folder or a row from another
+testbed is not reused; one stamped before these keys existed is, with a warning naming what
+cannot be checked.
 """
 
 from __future__ import annotations
@@ -134,6 +142,30 @@ def config_hash(base: dict, overrides: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def testbed(effective: dict) -> dict:
+    """What a run's numbers depend on beside the code and the config: the bytes of the shards
+    under every path in its data section, and the CPU kernel level torch dispatches to."""
+    import torch
+
+    h = hashlib.sha256()
+    for key, spec in sorted(effective.get("data", {}).items()):
+        if not isinstance(spec, str):
+            continue
+        path = Path(spec) if Path(spec).is_absolute() else ROOT / spec
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else []
+        for f in files if files else [path] if path.is_file() else []:
+            h.update(f"{key}:{f.relative_to(path) if files else f.name}:".encode())
+            with open(f, "rb") as fh:
+                h.update(hashlib.file_digest(fh, "sha256").digest())
+    cpu = f"torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
+    return {"data": h.hexdigest()[:12], "cpu": cpu}
+
+
+# stamp keys added after runs were first stamped: a stamp or row without them is reused, with a
+# warning, since it cannot be checked
+TESTBED_KEYS = ("data", "cpu")
+
+
 class Run:
     """One (method, seed) training run of a bench and its stamp."""
 
@@ -167,10 +199,11 @@ class Run:
             str(have.get("commit", "")).startswith(c) for c in accept_commits
         )
         version_keys = ("commit", "dirty", "tree") if accepted else ()
+        unknown = tuple(k for k in TESTBED_KEYS if k not in have)
         diff = [
             f"{k} {have.get(k)!r} != {want[k]!r}"
             for k in want
-            if k not in version_keys and have.get(k) != want[k]
+            if k not in version_keys + unknown and have.get(k) != want[k]
         ]
         return ", ".join(diff)
 
@@ -228,7 +261,7 @@ def read_rows(run_dir: Path) -> list[dict]:
 
 
 # results.csv columns that are not numbers (the rest are floats, or None where left empty)
-TEXT_COLS = ("method", "config_hash", "commit")
+TEXT_COLS = ("method", "config_hash", "commit", "data", "cpu")
 INT_COLS = ("seed", "trained_samples", "threads", "nproc")
 
 
@@ -265,6 +298,9 @@ def reused_row_stale(row: dict, want: dict, accept_commits: tuple[str, ...]) -> 
     config hash and processes per run; this clean commit or a named clean one), else why not."""
     if row["config_hash"] != want["config_hash"]:
         return f"config_hash {row['config_hash']!r} != {want['config_hash']!r}"
+    for k in TESTBED_KEYS:
+        if row.get(k) and row[k] != want[k]:
+            return f"{k} {row[k]!r} != {want[k]!r} (another testbed)"
     nproc = row.get("nproc") or 1  # tables from before the column ran 1 process per run
     if nproc != want["nproc"]:
         return f"nproc {nproc:g} != {want['nproc']}"
@@ -274,6 +310,15 @@ def reused_row_stale(row: dict, want: dict, accept_commits: tuple[str, ...]) -> 
     if not named and (row["commit"] != want["commit"] or want["dirty"]):
         return f"commit {row['commit']!r} is neither this clean code nor a --reuse-commit"
     return ""
+
+
+def unchecked(stamp: dict) -> str:
+    """A warning for a reused stamp or row that predates the testbed keys."""
+    missing = [k for k in TESTBED_KEYS if not stamp.get(k)]
+    if not missing:
+        return ""
+    return (f" (WARNING: it records no {' or '.join(missing)}, so it cannot be checked to come "
+            "from these shards and this CPU kernel level)")  # fmt: skip
 
 
 def _mean(xs):
@@ -323,6 +368,8 @@ def summarize(run: Run, metric: str, ratio: float) -> dict:
         ),
         "threads": stamp.get("threads"),
         "nproc": stamp.get("nproc"),
+        "data": stamp.get("data"),
+        "cpu": stamp.get("cpu"),
         "config_hash": stamp.get("config_hash"),
         "commit": stamp.get("commit"),
         "dirty": stamp.get("dirty"),
@@ -415,6 +462,8 @@ RUN_COLS = [
     "data_s",
     "threads",
     "nproc",
+    "data",
+    "cpu",
     "config_hash",
     "commit",
     "dirty",
@@ -608,7 +657,10 @@ def run_bench(config: Path, out: Path, args, cmd: str) -> str:
     ratio = float(effective.get("selection", {}).get("ratio", 0.2))
     seed0 = int(effective.get("run", {}).get("seed", 0))
     started = time.strftime("%Y-%m-%d %H:%M")
-    version = {**code_version(), "nproc": args.nproc}  # processes per run change the training
+    # processes per run change the training; the testbed changes the numbers
+    data = dict(effective.get("data", {}))
+    data.update(o[5:].split("=", 1) for o in extra if o.startswith("data.") and "=" in o)
+    version = {**code_version(), "nproc": args.nproc, **testbed({"data": data})}
     # seed-major: an interrupted table holds whole seeds
     runs = [
         Run(m, seed0 + k, out, effective, extra, ratio) for k in range(args.seeds) for m in methods
@@ -622,7 +674,8 @@ def run_bench(config: Path, out: Path, args, cmd: str) -> str:
         if row and not (run.dir / "eval.json").exists():
             why = reused_row_stale(row, want, tuple(args.reuse_commit))
             if not why:
-                print(f"[bench] {run.method} seed {run.seed}: reusing its row", file=sys.stderr)
+                print(f"[bench] {run.method} seed {run.seed}: reusing its row"
+                      f"{unchecked(row)}", file=sys.stderr)  # fmt: skip
                 reused[(run.method, run.seed)] = row
                 continue
             print(f"[bench] {run.method} seed {run.seed}: not reusing its row ({why})",
@@ -630,7 +683,9 @@ def run_bench(config: Path, out: Path, args, cmd: str) -> str:
         if (run.dir / "eval.json").exists():
             why = run.stale(want, tuple(args.reuse_commit))
             if not why:
-                print(f"[bench] {run.method} seed {run.seed}: reusing {run.dir}", file=sys.stderr)
+                have = json.loads((run.dir / "bench.json").read_text())
+                print(f"[bench] {run.method} seed {run.seed}: reusing {run.dir}{unchecked(have)}",
+                      file=sys.stderr)  # fmt: skip
                 continue
             if not args.rerun_stale:
                 raise SystemExit(

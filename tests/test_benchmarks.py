@@ -261,6 +261,61 @@ def test_selection_reuses_rows_of_an_earlier_table_whose_runs_are_gone(tmp_path,
         sel.main([*argv[:-1], str(tmp_path / "bad.csv")])
 
 
+def test_selection_keeps_runs_of_another_testbed_apart(tmp_path, monkeypatch, capsys):
+    """The same code, config and seed gave other numbers on another machine, so a run folder or
+    an earlier row from other shards or another CPU kernel level is not reused; a stamp from
+    before the testbed was recorded is reused with a warning."""
+    import benchmarks.selection as sel
+
+    real_testbed = sel.testbed
+    calls = []
+    monkeypatch.setattr(sel, "run_one", fake_run(calls))
+    monkeypatch.setattr(sel, "plot", lambda *a: None)
+    monkeypatch.setattr(sel, "code_version", lambda: {"commit": "c1", "dirty": False, "tree": ""})
+    spec = {"metric": "eval/top1", "methods": ["none", "random"],
+            "base": {"run": {"seed": 0}, "selection": {"ratio": 0.5}}}  # fmt: skip
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    argv = ["--config", str(cfg), "--out", str(out), "--seeds", "2"]
+    here = {"data": "d1", "cpu": "torch X AVX512"}
+    monkeypatch.setattr(sel, "testbed", lambda effective: here)
+    assert sel.main(argv) == 0 and len(calls) == 4
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {(r["data"], r["cpu"]) for r in rows} == {("d1", "torch X AVX512")}
+    kept = tmp_path / "kept.csv"
+    kept.write_text((out / "results.csv").read_text())
+
+    monkeypatch.setattr(sel, "testbed", lambda effective: {**here, "cpu": "torch X AVX2"})
+    with pytest.raises(SystemExit, match="cpu 'torch X AVX512' != 'torch X AVX2'"):
+        sel.main(argv)
+    calls.clear()
+    other = ["--config", str(cfg), "--out", str(tmp_path / "other"), "--seeds", "2"]
+    assert sel.main([*other, "--reuse-rows", str(kept)]) == 0
+    assert len(calls) == 4  # the earlier rows are from another testbed: all retrained
+    assert "(another testbed)" in capsys.readouterr().err
+
+    # stamps and rows from before the testbed keys: reused, with a warning
+    monkeypatch.setattr(sel, "testbed", lambda effective: here)
+    for stamp in out.glob("runs/*/s*/bench.json"):
+        have = json.loads(stamp.read_text())
+        stamp.write_text(json.dumps({k: v for k, v in have.items() if k not in ("data", "cpu")}))
+    calls.clear()
+    assert sel.main(argv) == 0 and calls == []
+    assert "WARNING: it records no data or cpu" in capsys.readouterr().err
+
+    # the fingerprint itself: one changed byte in one shard changes it, the CPU level is torch's
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "000.tar").write_bytes(b"abc")
+    (shards / "001.tar").write_bytes(b"def")
+    first = real_testbed({"data": {"train": str(shards)}})
+    (shards / "001.tar").write_bytes(b"deg")
+    second = real_testbed({"data": {"train": str(shards)}})
+    assert first["data"] != second["data"] and first["cpu"] == second["cpu"]
+    assert first["cpu"].startswith("torch ")
+
+
 def test_t_quantiles():
     from benchmarks.selection import interval, t975
 
