@@ -61,6 +61,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.config import ConfigError, parse_overrides
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -142,19 +144,23 @@ def config_hash(base: dict, overrides: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def testbed(effective: dict) -> dict:
-    """What a run's numbers depend on beside the code and the config: the bytes of the shards
-    under every path in its data section, and the CPU kernel level torch dispatches to."""
+def testbed(data: dict) -> dict:
+    """What a run's numbers depend on beside the code and the config: the bytes of the files
+    under every path of its ``data`` section (the shards), and the CPU kernel level torch
+    dispatches to."""
     import torch
 
     h = hashlib.sha256()
-    for key, spec in sorted(effective.get("data", {}).items()):
-        if not isinstance(spec, str):
+    for key, spec in sorted(data.items()):
+        path = ROOT / spec if isinstance(spec, str) else None  # ROOT / an absolute path = it
+        if path is not None and path.is_dir():
+            files = {str(f.relative_to(path)): f for f in path.rglob("*") if f.is_file()}
+        elif path is not None and path.is_file():
+            files = {path.name: path}
+        else:  # not a path (batch_size, ...), or one that does not exist
             continue
-        path = Path(spec) if Path(spec).is_absolute() else ROOT / spec
-        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else []
-        for f in files if files else [path] if path.is_file() else []:
-            h.update(f"{key}:{f.relative_to(path) if files else f.name}:".encode())
+        for name, f in sorted(files.items()):
+            h.update(f"{key}:{name}:".encode())
             with open(f, "rb") as fh:
                 h.update(hashlib.file_digest(fh, "sha256").digest())
     cpu = f"torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
@@ -657,10 +663,12 @@ def run_bench(config: Path, out: Path, args, cmd: str) -> str:
     ratio = float(effective.get("selection", {}).get("ratio", 0.2))
     seed0 = int(effective.get("run", {}).get("seed", 0))
     started = time.strftime("%Y-%m-%d %H:%M")
+    try:  # the data paths every run trains and evaluates on, command-line overrides included
+        data = merge(effective, parse_overrides(extra)).get("data", {})
+    except ConfigError as e:
+        raise SystemExit(f"[bench] {e}") from None
     # processes per run change the training; the testbed changes the numbers
-    data = dict(effective.get("data", {}))
-    data.update(o[5:].split("=", 1) for o in extra if o.startswith("data.") and "=" in o)
-    version = {**code_version(), "nproc": args.nproc, **testbed({"data": data})}
+    version = {**code_version(), "nproc": args.nproc, **testbed(data)}
     # seed-major: an interrupted table holds whole seeds
     runs = [
         Run(m, seed0 + k, out, effective, extra, ratio) for k in range(args.seeds) for m in methods

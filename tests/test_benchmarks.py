@@ -279,14 +279,14 @@ def test_selection_keeps_runs_of_another_testbed_apart(tmp_path, monkeypatch, ca
     out = tmp_path / "out"
     argv = ["--config", str(cfg), "--out", str(out), "--seeds", "2"]
     here = {"data": "d1", "cpu": "torch X AVX512"}
-    monkeypatch.setattr(sel, "testbed", lambda effective: here)
+    monkeypatch.setattr(sel, "testbed", lambda data: here)
     assert sel.main(argv) == 0 and len(calls) == 4
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {(r["data"], r["cpu"]) for r in rows} == {("d1", "torch X AVX512")}
     kept = tmp_path / "kept.csv"
     kept.write_text((out / "results.csv").read_text())
 
-    monkeypatch.setattr(sel, "testbed", lambda effective: {**here, "cpu": "torch X AVX2"})
+    monkeypatch.setattr(sel, "testbed", lambda data: {**here, "cpu": "torch X AVX2"})
     with pytest.raises(SystemExit, match="cpu 'torch X AVX512' != 'torch X AVX2'"):
         sel.main(argv)
     calls.clear()
@@ -296,7 +296,7 @@ def test_selection_keeps_runs_of_another_testbed_apart(tmp_path, monkeypatch, ca
     assert "(another testbed)" in capsys.readouterr().err
 
     # stamps and rows from before the testbed keys: reused, with a warning
-    monkeypatch.setattr(sel, "testbed", lambda effective: here)
+    monkeypatch.setattr(sel, "testbed", lambda data: here)
     for stamp in out.glob("runs/*/s*/bench.json"):
         have = json.loads(stamp.read_text())
         stamp.write_text(json.dumps({k: v for k, v in have.items() if k not in ("data", "cpu")}))
@@ -309,9 +309,9 @@ def test_selection_keeps_runs_of_another_testbed_apart(tmp_path, monkeypatch, ca
     shards.mkdir()
     (shards / "000.tar").write_bytes(b"abc")
     (shards / "001.tar").write_bytes(b"def")
-    first = real_testbed({"data": {"train": str(shards)}})
+    first = real_testbed({"train": str(shards)})
     (shards / "001.tar").write_bytes(b"deg")
-    second = real_testbed({"data": {"train": str(shards)}})
+    second = real_testbed({"train": str(shards)})
     assert first["data"] != second["data"] and first["cpu"] == second["cpu"]
     assert first["cpu"].startswith("torch ")
 
